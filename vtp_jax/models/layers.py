@@ -1,0 +1,275 @@
+"""Transformer building blocks shared by the vision encoder and the pixel decoder.
+
+Pre-norm ViT blocks (DINOv3 style): RMSNorm or LayerNorm, fused-qkv attention with optional QK-norm
+and 2-D RoPE, SwiGLU or GELU MLP, optional LayerScale, and DINOv2's batch-subset stochastic depth.
+Every parameter carries logical axis names; `vtp_jax/sharding.py` alone maps them to mesh axes.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vtp_jax.models import rope as rope_lib
+
+# Initialisers of the reference (spec 1.13): trunc-normal(0.02) linears, zero biases, unit norms.
+DENSE_INIT = nn.initializers.truncated_normal(0.02)
+ZEROS = nn.initializers.zeros_init()
+ONES = nn.initializers.ones_init()
+
+
+def param_with_axes(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def dtype_of(name: str):
+  return {'bfloat16': jnp.bfloat16, 'float32': jnp.float32, 'float16': jnp.float16}[name]
+
+
+def swiglu_hidden(width: int, mlp_ratio: float) -> int:
+  """DINOv3 SwiGLU hidden size: 2/3 of ratio*width, rounded up to a multiple of 8 (spec 1.2)."""
+  hidden = int(int(width * mlp_ratio) * 2 / 3)
+  return (hidden + 7) // 8 * 8
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """Static description of one pre-norm transformer block (hashable for Flax transforms)."""
+  width: int
+  heads: int
+  mlp: str = 'swiglu'  # 'swiglu' or 'gelu'
+  mlp_ratio: float = 4.0
+  norm: str = 'rmsnorm'  # 'rmsnorm' or 'layernorm'
+  norm_eps: float = 1e-5
+  qkv_bias: bool = True
+  qk_norm: bool = False
+  layerscale: float = 0.0  # 0 disables LayerScale
+  dtype: str = 'float32'  # compute dtype
+  rope_dtype: str = 'bfloat16'
+  attention: str = 'xla'  # jax.nn.dot_product_attention implementation
+  drop_path_mode: str = 'subset'  # 'subset' (DINOv2) or 'sample' (Bernoulli per sample)
+  causal: bool = False  # causal self-attention (text tower)
+  init: str = 'vit'  # 'vit': trunc-normal(0.02) everywhere; 'openclip': OpenCLIP text-tower stds
+  depth_for_init: int = 1  # tower depth, for OpenCLIP's depth-scaled output-projection std
+
+  def __post_init__(self):
+    if self.width % self.heads:
+      raise ValueError(f'width {self.width} is not divisible by heads {self.heads}.')
+    if self.mlp not in ('swiglu', 'gelu'):
+      raise ValueError(f"mlp={self.mlp!r}; use 'swiglu' or 'gelu'.")
+    if self.norm not in ('rmsnorm', 'layernorm'):
+      raise ValueError(f"norm={self.norm!r}; use 'rmsnorm' or 'layernorm'.")
+    if self.drop_path_mode not in ('subset', 'sample'):
+      raise ValueError(f"drop_path_mode={self.drop_path_mode!r}; use 'subset' or 'sample'.")
+
+  def init_for(self, which: str):
+    """Kernel initialiser of 'qkv', 'proj', 'fc' (MLP in) or 'fc_out' (MLP out).
+
+    OpenCLIP's text tower (spec 1.6): attention std w^-0.5, output projections w^-0.5 (2 depth)^-0.5,
+    MLP input (2w)^-0.5. The ViT towers use trunc-normal(0.02) throughout (spec 1.13).
+    """
+    if self.init == 'vit':
+      return DENSE_INIT
+    w = self.width
+    std = {'qkv': w ** -0.5, 'proj': w ** -0.5 * (2 * self.depth_for_init) ** -0.5,
+           'fc': (2 * w) ** -0.5, 'fc_out': w ** -0.5 * (2 * self.depth_for_init) ** -0.5}[which]
+    return nn.initializers.normal(std)
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+  @property
+  def mlp_hidden(self) -> int:
+    if self.mlp == 'swiglu':
+      return swiglu_hidden(self.width, self.mlp_ratio)
+    return int(self.width * self.mlp_ratio)
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps) in float32, cast back, then times the weight (DINOv3 RMSNorm)."""
+  eps: float = 1e-5
+  axis_name: str = 'norm'
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', param_with_axes(ONES, (self.axis_name,)), (x.shape[-1],))
+    xf = x.astype(jnp.float32)
+    normed = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps))
+    return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with weight and bias, statistics in float32 (as PyTorch's fp32 LayerNorm)."""
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', param_with_axes(ONES, ('norm',)), (x.shape[-1],))
+    bias = self.param('bias', param_with_axes(ZEROS, ('norm',)), (x.shape[-1],))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    normed = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    return (normed * scale + bias).astype(x.dtype)
+
+
+def make_norm(kind: str, eps: float, name: str):
+  return RMSNorm(eps=eps, name=name) if kind == 'rmsnorm' else LayerNorm(eps=eps, name=name)
+
+
+def dense(features, in_axis: str, out_axis: str, name: str, dtype, use_bias=True, init=DENSE_INIT):
+  """A Dense layer with float32 parameters, `dtype` compute and logical axes on kernel and bias."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+      kernel_init=param_with_axes(init, (in_axis, out_axis)),
+      bias_init=param_with_axes(ZEROS, (out_axis,)))
+
+
+class Mlp(nn.Module):
+  """SwiGLU `w3(silu(w1 x) * w2 x)` with three biased linears, or GELU `fc2(gelu(fc1 x))`."""
+  spec: BlockSpec
+
+  @nn.compact
+  def __call__(self, x):
+    s, dtype = self.spec, dtype_of(self.spec.dtype)
+    if s.mlp == 'swiglu':
+      gate = dense(s.mlp_hidden, 'embed', 'mlp', 'w1', dtype, init=s.init_for('fc'))(x)
+      value = dense(s.mlp_hidden, 'embed', 'mlp', 'w2', dtype, init=s.init_for('fc'))(x)
+      hidden = nn.with_logical_constraint(nn.silu(gate) * value, ('act_batch', 'act_seq', 'act_mlp'))
+      return dense(s.width, 'mlp', 'embed', 'w3', dtype, init=s.init_for('fc_out'))(hidden)
+    hidden = dense(s.mlp_hidden, 'embed', 'mlp', 'fc1', dtype, init=s.init_for('fc'))(x)
+    hidden = nn.with_logical_constraint(nn.gelu(hidden, approximate=False),
+                                        ('act_batch', 'act_seq', 'act_mlp'))
+    return dense(s.width, 'mlp', 'embed', 'fc2', dtype, init=s.init_for('fc_out'))(hidden)
+
+
+class Attention(nn.Module):
+  """Fused-qkv multi-head attention; q/k optionally RMS-normed, then rotated by RoPE.
+
+  The qkv kernel is (width, 3, heads, head_dim) rather than a flat (width, 3*width) so that tensor
+  parallelism splits whole heads and never cuts across the q/k/v boundary.
+  """
+  spec: BlockSpec
+
+  @nn.compact
+  def __call__(self, x, sin=None, cos=None):
+    s, dtype = self.spec, dtype_of(self.spec.dtype)
+    qkv = nn.DenseGeneral(
+        (3, s.heads, s.head_dim), use_bias=s.qkv_bias, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=param_with_axes(s.init_for('qkv'), ('embed', 'qkv', 'heads', 'head_dim')),
+        bias_init=param_with_axes(ZEROS, ('qkv', 'heads', 'head_dim')), name='qkv')(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if s.qk_norm:
+      q = RMSNorm(eps=s.norm_eps, axis_name='head_dim', name='q_norm')(q)
+      k = RMSNorm(eps=s.norm_eps, axis_name='head_dim', name='k_norm')(k)
+    if sin is not None:
+      q = rope_lib.apply_rope(q, sin, cos, s.rope_dtype)
+      k = rope_lib.apply_rope(k, sin, cos, s.rope_dtype)
+    names = ('act_batch', 'act_seq', 'act_heads', None)
+    q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
+    out = jax.nn.dot_product_attention(
+        q, k, v, is_causal=s.causal,
+        implementation=None if s.attention == 'xla' else s.attention)
+    out = nn.with_logical_constraint(out, names)
+    return nn.DenseGeneral(
+        s.width, axis=(-2, -1), dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=param_with_axes(s.init_for('proj'), ('heads', 'head_dim', 'embed')),
+        bias_init=param_with_axes(ZEROS, ('embed',)), name='proj')(out)
+
+
+class LayerScale(nn.Module):
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param('gamma', param_with_axes(nn.initializers.constant(self.init_value), ('norm',)),
+                       (x.shape[-1],))
+    return x * gamma.astype(x.dtype)
+
+
+def drop_path_residual(branch, x, rate: float, mode: str, rng):
+  """x + branch(x) with stochastic depth applied to the residual.
+
+  'subset' is DINOv2's batch-subset drop (spec 1.10): the branch runs on a random subset of
+  keep = max(int(b(1-r)), 1) samples only, and its output is added back scaled by b/keep, so dropped
+  samples cost no compute. 'sample' is classic per-sample Bernoulli drop with scale 1/(1-r).
+  """
+  if rate <= 0.0 or rng is None:
+    return x + branch(x)
+  b = x.shape[0]
+  if mode == 'subset':
+    keep = max(int(b * (1.0 - rate)), 1)
+    idx = jax.random.permutation(rng, b)[:keep]
+    update = branch(x[idx]) * jnp.asarray(b / keep, x.dtype)
+    return x.at[idx].add(update)
+  keep_mask = jax.random.bernoulli(rng, 1.0 - rate, (b,) + (1,) * (x.ndim - 1))
+  return x + branch(x) * keep_mask.astype(x.dtype) / jnp.asarray(1.0 - rate, x.dtype)
+
+
+class Block(nn.Module):
+  """Pre-norm block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x)).
+
+  `drop_rate` > 0 (training only) draws from the 'drop_path' rng stream.
+  Returns (x, x or None) so it can serve as an `nn.scan` body that can emit every layer's output.
+  """
+  spec: BlockSpec
+  drop_rate: float = 0.0
+  emit: bool = False  # also return this block's output (scan 'ys'), for intermediate layers
+
+  @nn.compact
+  def __call__(self, x, sin, cos):
+    s = self.spec
+    norm1 = make_norm(s.norm, s.norm_eps, 'norm1')
+    norm2 = make_norm(s.norm, s.norm_eps, 'norm2')
+    attn = Attention(s, name='attn')
+    mlp = Mlp(s, name='mlp')
+    ls1 = LayerScale(s.layerscale, name='ls1') if s.layerscale else (lambda t: t)
+    ls2 = LayerScale(s.layerscale, name='ls2') if s.layerscale else (lambda t: t)
+    rngs = (None, None)
+    if self.drop_rate > 0:
+      rngs = tuple(jax.random.split(self.make_rng('drop_path')))
+    x = drop_path_residual(lambda t: ls1(attn(norm1(t), sin, cos)), x, self.drop_rate,
+                           s.drop_path_mode, rngs[0])
+    x = drop_path_residual(lambda t: ls2(mlp(norm2(t))), x, self.drop_rate,
+                           s.drop_path_mode, rngs[1])
+    x = nn.with_logical_constraint(x, ('act_batch', 'act_seq', 'act_embed'))
+    return x, (x if self.emit else None)
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def run_blocks(spec: BlockSpec, depth: int, x, sin, cos, *, scan: bool = True,
+               remat_policy: str = 'none', drop_rate: float = 0.0, keep_outputs: bool = False):
+  """Runs `depth` blocks as submodules of the calling module (call it inside a compact method).
+
+  Scanned, the params of all blocks are stacked on a leading 'layers' axis under 'blocks'; unrolled,
+  they live under 'blocks_0', 'blocks_1', ... (`vtp_jax.models.layout` converts between the two).
+  Returns the final tokens and, when `keep_outputs`, every block's output stacked on axis 0.
+  """
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f'precision.remat_policy={remat_policy!r}; use one of '
+                     f'{sorted(REMAT_POLICIES)}.')
+  block_cls = Block
+  if remat_policy != 'none':
+    # prevent_cse is only needed outside scan (scan already stops CSE across iterations).
+    block_cls = nn.remat(Block, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+  if scan:
+    stack = nn.scan(
+        block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'drop_path': True},
+        in_axes=(nn.broadcast, nn.broadcast), length=depth,
+        metadata_params={nn.PARTITION_NAME: 'layers'})
+    return stack(spec, drop_rate, keep_outputs, name='blocks')(x, sin, cos)
+  outputs = []
+  for i in range(depth):
+    x, _ = block_cls(spec, drop_rate, name=f'blocks_{i}')(x, sin, cos)
+    outputs.append(x)
+  return x, (jnp.stack(outputs) if keep_outputs else None)
