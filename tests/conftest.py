@@ -20,9 +20,33 @@ SHARED = pathlib.Path(__file__).resolve().parents[1].parent / 'shared'
 FIXTURE = SHARED / 'fixtures' / 'vtp_reference_tiny'
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def reference_fixture() -> pathlib.Path:
   """The tiny reference-implementation fixture; skips where ../shared is absent (a user's clone)."""
   if not (FIXTURE / 'io.npz').exists():
     pytest.skip(f'reference fixture not found at {FIXTURE} (it ships beside the repo in CI only)')
   return FIXTURE
+
+
+@pytest.fixture(scope='session')
+def imported_fixture(reference_fixture, tmp_path_factory):
+  """The reference fixture imported into a vtp-jax checkpoint folder (scanned layout)."""
+  from vtp_jax.tools import import_reference
+  dst = tmp_path_factory.mktemp('imported')
+  import_reference.import_reference(reference_fixture, dst, scan_layers=True)
+  return dst
+
+
+def micro_config(**precision):
+  """vtp_tiny shrunk further for unit tests: compile time, not arithmetic, dominates on CPU."""
+  from configs import vtp_tiny
+  config = vtp_tiny.get_config()
+  config.model.encoder.update(width=32, depth=2, heads=2)
+  config.model.decoder.update(width=32, depth=1, heads=2)
+  config.model.text.update(width=32, depth=1, heads=2, context_length=8)
+  config.model.clip_dim = 16
+  config.model.bottleneck_dim = 8
+  config.model.dino_head.update(hidden=32, bottleneck=16, prototypes=64)
+  config.data.image_size = 32
+  config.precision.update(precision)
+  return config

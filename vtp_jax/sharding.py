@@ -3,7 +3,8 @@
 Modules name logical axes only ('embed', 'mlp', 'heads', 'act_batch', ...); this file alone knows the
 mesh axes ('data', 'fsdp', 'tensor'). Parameters are sharded ZeRO-3 style: every matrix splits its
 model-width ('embed') dimension over 'fsdp' and its heads / MLP hidden / vocabulary / prototypes
-over 'tensor'; vectors (norms, biases of width D, tokens) stay replicated because they are small.
+over 'tensor'; biases follow their kernel's output dim; norm scales, tokens and scalars stay
+replicated because they are small.
 Activations split their batch over ('data', 'fsdp') and their heads / MLP hidden over 'tensor'.
 """
 
@@ -23,7 +24,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # Parameters.
     ('embed', 'fsdp'),  # model width D of every matrix: ZeRO-3 parameter sharding
     ('mlp', 'tensor'),  # MLP hidden (and the DINO head's first hidden layer)
-    ('mlp2', None),  # second DINO-head hidden layer: its input already takes 'tensor'
+    ('mlp2', 'fsdp'),  # second DINO-head hidden layer (its input dim already takes 'tensor')
     ('heads', 'tensor'),  # attention heads
     ('vocab', 'tensor'),  # text token embedding rows
     ('prototypes', 'tensor'),  # DINO/iBOT prototype columns (65,536)
@@ -90,10 +91,17 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
   return P(*fitted)
 
 
+def unbox_without_constraint(boxed_tree):
+  """Strips nn.Partitioned boxes without the sharding constraint Flax's unbox adds under a mesh
+  (which fails on abstract ShapeDtypeStruct leaves)."""
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
+                      else x, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def logical_to_sharding(boxed_tree, mesh, rules):
   """NamedShardings for a tree of (abstract) params still boxed in nn.LogicallyPartitioned."""
   logical = nn.get_partition_spec(boxed_tree)
-  unboxed = nn.unbox(boxed_tree)
+  unboxed = unbox_without_constraint(boxed_tree)
 
   def to_sharding(spec, leaf):
     mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if spec is not None else P()

@@ -128,6 +128,31 @@ def dense(features, in_axis: str, out_axis: str, name: str, dtype, use_bias=True
       bias_init=param_with_axes(ZEROS, (out_axis,)))
 
 
+class DenseND(nn.Module):
+  """x (..., *in) -> (..., *out_shape) by a kernel of shape (*in, *out_shape), plus optional bias.
+
+  Flax's DenseGeneral initialises a flattened kernel and reshapes it, which breaks logical
+  partitioning metadata (the names describe the unflattened shape); this creates it whole.
+  """
+  out_shape: tuple
+  in_ndim: int
+  kernel_axes: tuple
+  bias_axes: tuple | None
+  dtype: Any = jnp.float32
+  init: Any = DENSE_INIT
+
+  @nn.compact
+  def __call__(self, x):
+    shape = tuple(x.shape[x.ndim - self.in_ndim:]) + tuple(self.out_shape)
+    kernel = self.param('kernel', param_with_axes(self.init, self.kernel_axes), shape, jnp.float32)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_ndim)
+    if self.bias_axes is not None:
+      bias = self.param('bias', param_with_axes(ZEROS, self.bias_axes), tuple(self.out_shape),
+                        jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class Mlp(nn.Module):
   """SwiGLU `w3(silu(w1 x) * w2 x)` with three biased linears, or GELU `fc2(gelu(fc1 x))`."""
   spec: BlockSpec
@@ -157,10 +182,9 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, sin=None, cos=None):
     s, dtype = self.spec, dtype_of(self.spec.dtype)
-    qkv = nn.DenseGeneral(
-        (3, s.heads, s.head_dim), use_bias=s.qkv_bias, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=param_with_axes(s.init_for('qkv'), ('embed', 'qkv', 'heads', 'head_dim')),
-        bias_init=param_with_axes(ZEROS, ('qkv', 'heads', 'head_dim')), name='qkv')(x)
+    qkv = DenseND((3, s.heads, s.head_dim), 1, ('embed', 'qkv', 'heads', 'head_dim'),
+                  ('qkv', 'heads', 'head_dim') if s.qkv_bias else None, dtype,
+                  s.init_for('qkv'), name='qkv')(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if s.qk_norm:
       q = RMSNorm(eps=s.norm_eps, axis_name='head_dim', name='q_norm')(q)
@@ -174,10 +198,8 @@ class Attention(nn.Module):
         q, k, v, is_causal=s.causal,
         implementation=None if s.attention == 'xla' else s.attention)
     out = nn.with_logical_constraint(out, names)
-    return nn.DenseGeneral(
-        s.width, axis=(-2, -1), dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=param_with_axes(s.init_for('proj'), ('heads', 'head_dim', 'embed')),
-        bias_init=param_with_axes(ZEROS, ('embed',)), name='proj')(out)
+    return DenseND((s.width,), 2, ('heads', 'head_dim', 'embed'), ('embed',), dtype,
+                   s.init_for('proj'), name='proj')(out)
 
 
 class LayerScale(nn.Module):

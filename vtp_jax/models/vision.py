@@ -58,7 +58,7 @@ class VisionEncoder(nn.Module):
     init = patch_embed_init(p)
     x = nn.Conv(b.width, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
                 param_dtype=jnp.float32, name='patch_embed',
-                kernel_init=layers.param_with_axes(init, ('patch', 'patch', 'rgb', 'embed')),
+                kernel_init=layers.param_with_axes(init, ('patch_h', 'patch_w', 'rgb', 'embed')),
                 bias_init=layers.param_with_axes(init, ('embed',)))(images.astype(dtype))
     bsz, h, w, _ = x.shape
     x = x.reshape(bsz, h * w, b.width)

@@ -151,19 +151,16 @@ def import_reference(src, dst, scan_layers: bool = True):
   return config
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('src', None, 'folder with config.json + model.safetensors (reference format)')
-flags.DEFINE_string('dst', None, 'output folder for the vtp-jax checkpoint')
-flags.DEFINE_bool('unscanned', False, 'store blocks unrolled (blocks_i) instead of scanned')
-
-
 def main(argv):
   del argv
-  config = import_reference(FLAGS.src, FLAGS.dst, scan_layers=not FLAGS.unscanned)
-  print(json.dumps({'dst': str(FLAGS.dst), 'encoder': config.model.encoder.to_dict(),
+  config = import_reference(flags.FLAGS.src, flags.FLAGS.dst, scan_layers=not flags.FLAGS.unscanned)
+  print(json.dumps({'dst': str(flags.FLAGS.dst), 'encoder': config.model.encoder.to_dict(),
                     'bottleneck_dim': config.model.bottleneck_dim}))
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('src', None, 'folder with config.json + model.safetensors (reference format)')
+  flags.DEFINE_string('dst', None, 'output folder for the vtp-jax checkpoint')
+  flags.DEFINE_bool('unscanned', False, 'store blocks unrolled (blocks_i) instead of scanned')
   flags.mark_flags_as_required(['src', 'dst'])
   app.run(main)

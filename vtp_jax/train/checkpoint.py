@@ -70,3 +70,18 @@ def load_item(path, item: str, target=None):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
   return checkpointer.restore(path, target)
+
+
+def resolve(path) -> pathlib.Path:
+  """A checkpoint folder itself, or the latest complete step folder under a training workdir."""
+  path = pathlib.Path(path)
+  if (path / CONFIG_FILE).exists():
+    return path
+  steps = []
+  for root in (path, path / 'checkpoints'):
+    if root.is_dir():
+      steps += [d for d in root.iterdir() if d.name.isdigit() and (d / CONFIG_FILE).exists()]
+  if not steps:
+    raise FileNotFoundError(f'{path} holds no vtp-jax checkpoint (no config.json, and no step '
+                            'folders with one under it or under checkpoints/).')
+  return max(steps, key=lambda d: int(d.name))
