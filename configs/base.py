@@ -86,6 +86,59 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.image_size = 256  # CLIP and reconstruction image side in pixels [C][HF]
+  c.data.batch_size = 16384  # global CLIP batch B of image-caption pairs [P]
+  c.data.ssl_batch_fraction = 0.25  # SSL sub-batch = B/4 (4k of 16k) [P]
+  c.data.rec_batch_fraction = 0.125  # reconstruction sub-batch = B/8 (2k of 16k) [P]
+  c.data.global_crop_size = 224  # DINO global crop side [R DINOv2]
+  c.data.local_crop_size = 96  # DINO local crop side [R DINOv2]
+  c.data.n_local_crops = 8  # local crops per image [R DINOv2]
+  c.data.mask_ratio_min = 0.1  # iBOT mask ratio range, low end [R DINOv2]
+  c.data.mask_ratio_max = 0.5  # iBOT mask ratio range, high end; sizes the static token buffer [R]
+  c.data.mask_probability = 0.5  # chance a global crop is masked at all [R DINOv2]
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.clip_weight = 1.0  # lambda_clip; 0 removes the CLIP branch from the step [P]
+  c.loss.ssl_weight = 1.0  # lambda_ssl; 0 removes DINO/iBOT/KoLeo and the teacher [P]
+  c.loss.rec_weight = 0.1  # lambda_rec on (L1 + LPIPS) [P]
+  c.loss.clip_type = 'softmax'  # 'softmax' (released models) or 'sigmoid' (SigLIP, needs logit_bias) [C]
+  c.loss.max_logit_scale = math.log(100.0)  # clamp of the log logit scale after each step [R OpenCLIP]
+  c.loss.dino_weight = 1.0  # DINO CLS-token term inside L_ssl [R DINOv2]
+  c.loss.ibot_weight = 1.0  # iBOT masked-patch term inside L_ssl [R DINOv2]
+  c.loss.koleo_weight = 0.1  # KoLeo on pre-head global CLS features [R DINOv2]
+  c.loss.student_temp = 0.1  # student softmax temperature, DINO and iBOT [R DINOv2]
+  c.loss.teacher_temp = 0.07  # teacher temperature after warm-up [R DINOv2]
+  c.loss.teacher_temp_warmup = 0.04  # teacher temperature at step 0 [R DINOv2]
+  c.loss.teacher_temp_warmup_steps = 37500  # linear warm-up: 30 "epochs" x 1250 [R DINOv2]
+  c.loss.teacher_norm = 'centering'  # 'centering' (DINOv2) or 'sinkhorn' (DINOv3) [?]
+  c.loss.center_momentum = 0.9  # EMA momentum of the DINO and iBOT centres [R DINOv2]
+  c.loss.sinkhorn_iterations = 3  # Sinkhorn-Knopp iterations [R DINOv2]
+  c.loss.l1_weight = 1.0  # L1 inside L_rec [P]
+  c.loss.lpips_weight = 1.0  # LPIPS(VGG16) inside L_rec [P]
+  c.loss.l1_space = 'pixel'  # L1 on de-normalised [-1,1] pixels or 'normalized' model space [?]
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = 'adamw'  # only AdamW is implemented [R DINOv2]
+  c.optim.lr = 4e-3  # base lr at lr_reference_batch; DINOv3 1e-3, OpenCLIP 5e-4 absolute [R DINOv2]
+  c.optim.lr_scaling = 'sqrt'  # 'sqrt' | 'linear' | 'none'; peak = lr*sqrt(B/1024) [R DINOv2]
+  c.optim.lr_reference_batch = 1024  # batch at which lr is quoted [R DINOv2]
+  c.optim.warmup_steps = 12500  # 10 DINOv2 "epochs" of 1250 steps; must be <= train.steps [R]
+  c.optim.schedule = 'cosine'  # after warm-up: 'cosine' to final_lr or 'constant' [R DINOv2]
+  c.optim.final_lr = 1e-6  # lr at train.steps [R DINOv2]
+  c.optim.b1 = 0.9  # Adam beta1 [R DINOv2]
+  c.optim.b2 = 0.999  # Adam beta2; OpenCLIP uses 0.98 [R DINOv2]
+  c.optim.eps = 1e-8  # Adam epsilon; OpenCLIP 1e-6 [R DINOv2]
+  c.optim.weight_decay = 0.04  # cosine start; OpenCLIP constant 0.2 [R DINOv2]
+  c.optim.weight_decay_end = 0.4  # cosine end at train.steps [R DINOv2]
+  c.optim.layer_decay = 0.9  # encoder layer-wise lr decay; 1.0 disables [R DINOv2]
+  c.optim.patch_embed_lr_mult = 0.2  # extra lr factor on encoder/patch_embed [R DINOv2]
+  c.optim.clip_grad_norm = 3.0  # gradient clipping by norm; 0 disables [R DINOv2]
+  c.optim.clip_grad_scope = 'global'  # 'global' norm, or 'per_tower' as DINOv2 clips per module [R]
+  c.optim.freeze_last_layer_steps = 1250  # DINO prototypes frozen for 1 DINOv2 "epoch" [R DINOv2]
+  c.optim.momentum = 0.992  # teacher EMA momentum at step 0, cosine schedule [R DINOv2]
+  c.optim.momentum_end = 1.0  # teacher EMA momentum at train.steps [R DINOv2]
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 125000  # total optimizer steps (VTP's are unknown [?]); schedules end here
 
   c.precision = ml_collections.ConfigDict()
   c.precision.compute_dtype = 'bfloat16'  # activations and matmuls; parameters stay float32 [R DINOv3]

@@ -1,0 +1,133 @@
+"""The batch contract between the input pipeline and the train step: global shapes, shardings,
+the static iBOT token-buffer size, and a synthetic batch for benchmarks and tests.
+
+batch = {
+  'clip': {'image': uint8 (B, S, S, 3), 'tokens': int32 (B, L)},
+  'ssl':  {'global': uint8 (Bs, 2, G, G, 3), 'local': uint8 (Bs, N, Lc, Lc, 3),
+           'mask': bool (Bs, 2, (G/p)^2)},
+  'rec':  {'image': uint8 (Br, S, S, 3)},
+}
+A branch whose loss weight is 0 is absent. Axis 0 of every field is the batch axis, sharded over
+('data', 'fsdp'); images cross to the device as uint8 and are normalised there.
+
+The SSL crops are batch-major (Bs, crops, ...), unlike DESIGN.md's crop-major (crops, Bs, ...):
+merging (Bs, crops) into one batch axis for the encoder keeps each device's rows contiguous, where
+merging (crops, Bs) would force GSPMD to gather and re-split the whole crop tensor every step.
+"""
+
+import math
+
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vtp_jax import sharding
+
+N_GLOBAL_CROPS = 2
+
+
+def sub_batch_sizes(config) -> tuple[int, int, int]:
+  """(B, B_ssl, B_rec): the CLIP batch and the SSL / reconstruction sub-batches (spec 2.1)."""
+  d = config.data
+  b = int(d.batch_size)
+  b_ssl = int(round(b * d.ssl_batch_fraction))
+  b_rec = int(round(b * d.rec_batch_fraction))
+  for name, value in (('data.batch_size', b), ('SSL sub-batch', b_ssl), ('rec sub-batch', b_rec)):
+    if value < 1 and not (name != 'data.batch_size' and value == 0):
+      raise ValueError(f'{name} is {value}; raise data.batch_size or the sub-batch fraction.')
+  return b, b_ssl, b_rec
+
+
+def patches_per_global_crop(config) -> int:
+  side = config.data.global_crop_size // config.model.patch_size
+  return side * side
+
+
+def ibot_buffer_size(config) -> int:
+  """Static size of the masked-token buffer: DINOv2's `upperbound`.
+
+  The pipeline masks exactly int(n * mask_probability) of the n = 2 B_ssl global crops, each with
+  at most int(N * mask_ratio_max) patches, so this many masked tokens can exist at most.
+  """
+  _, b_ssl, _ = sub_batch_sizes(config)
+  n_images = N_GLOBAL_CROPS * b_ssl
+  n_masked_images = int(n_images * config.data.mask_probability)
+  return max(n_masked_images * int(patches_per_global_crop(config) * config.data.mask_ratio_max), 1)
+
+
+def active_branches(config) -> tuple[str, ...]:
+  weights = (('clip', config.loss.clip_weight), ('ssl', config.loss.ssl_weight),
+             ('rec', config.loss.rec_weight))
+  active = tuple(name for name, weight in weights if weight)
+  if not active:
+    raise ValueError('loss.clip_weight, loss.ssl_weight and loss.rec_weight are all 0: nothing '
+                     'to train.')
+  return active
+
+
+def batch_shapes(config) -> dict:
+  """{branch: {field: (shape, dtype)}} of the global batch, for the active branches only."""
+  d, m = config.data, config.model
+  b, b_ssl, b_rec = sub_batch_sizes(config)
+  s, g, lc = d.image_size, d.global_crop_size, d.local_crop_size
+  for name, side in (('data.image_size', s), ('data.global_crop_size', g),
+                     ('data.local_crop_size', lc)):
+    if side % m.patch_size:
+      raise ValueError(f'{name}={side} is not a multiple of the patch size {m.patch_size}.')
+  shapes = {
+      'clip': {'image': ((b, s, s, 3), np.uint8),
+               'tokens': ((b, m.text.context_length), np.int32)},
+      'ssl': {'global': ((b_ssl, N_GLOBAL_CROPS, g, g, 3), np.uint8),
+              'local': ((b_ssl, d.n_local_crops, lc, lc, 3), np.uint8),
+              'mask': ((b_ssl, N_GLOBAL_CROPS, patches_per_global_crop(config)), np.bool_)},
+      'rec': {'image': ((b_rec, s, s, 3), np.uint8)},
+  }
+  return {k: v for k, v in shapes.items() if k in active_branches(config)}
+
+
+def batch_shardings(config, mesh) -> dict:
+  """NamedShardings of the batch: the batch axis over ('data', 'fsdp'), the rest replicated."""
+  def spec(shape):
+    return NamedSharding(mesh, P(sharding.BATCH_AXES, *([None] * (len(shape) - 1))))
+
+  return {branch: {field: spec(shape) for field, (shape, _) in fields.items()}
+          for branch, fields in batch_shapes(config).items()}
+
+
+def check_divisible(config, mesh) -> None:
+  """Every sub-batch must split evenly over the batch-sharding axes."""
+  n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  b, b_ssl, b_rec = sub_batch_sizes(config)
+  for name, size in (('data.batch_size', b), ('SSL sub-batch (batch_size*ssl_batch_fraction)',
+                     b_ssl), ('rec sub-batch (batch_size*rec_batch_fraction)', b_rec)):
+    if size and size % n:
+      raise ValueError(f'{name} = {size} does not divide over the {n} devices of the '
+                       "('data', 'fsdp') mesh axes; change the batch size or mesh.")
+
+
+def synthetic_batch(config, seed: int = 0) -> dict:
+  """A random batch of the right shapes; masks follow the buffer bound (DINOv2-style counts)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for branch, fields in batch_shapes(config).items():
+    out[branch] = {}
+    for field, (shape, dtype) in fields.items():
+      if dtype == np.uint8:
+        out[branch][field] = rng.integers(0, 256, shape, dtype=np.uint8)
+      elif field == 'tokens':
+        tokens = rng.integers(1, 49406, shape).astype(np.int32)
+        tokens[:, 0] = 49406
+        lengths = rng.integers(2, shape[1] + 1, shape[0])
+        for row, length in enumerate(lengths):
+          tokens[row, length - 1] = 49407
+          tokens[row, length:] = 0
+        out[branch][field] = tokens
+      else:  # iBOT masks: int(n * prob) images masked, each at a ratio within the range.
+        b_ssl, n_crops, n_patches = shape
+        mask = np.zeros((b_ssl * n_crops, n_patches), bool)
+        n_masked = int(n_crops * b_ssl * config.data.mask_probability)
+        for image in rng.permutation(b_ssl * n_crops)[:n_masked]:
+          ratio = rng.uniform(config.data.mask_ratio_min, config.data.mask_ratio_max)
+          count = max(int(n_patches * ratio), 1)
+          mask[image, rng.permutation(n_patches)[:count]] = True
+        out[branch][field] = mask.reshape(shape)
+  return out

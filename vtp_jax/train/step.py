@@ -1,0 +1,254 @@
+"""The fused VTP train step: CLIP + DINO/iBOT/KoLeo + L1/LPIPS under one value_and_grad, the optimizer
+update, the logit-scale clamp, the EMA teacher and the centre updates, all in one jitted, sharded
+function with the state donated.
+
+L = clip_weight * L_clip + ssl_weight * (dino_weight * L_dino + ibot_weight * L_ibot
+    + koleo_weight * L_koleo) + rec_weight * (l1_weight * L1 + lpips_weight * LPIPS)
+
+A branch whose weight is 0 is not traced at all (its inputs are absent from the batch), so the
+reconstruction-only baseline and the two-loss ablations compile to smaller programs.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from vtp_jax import batch as batch_lib
+from vtp_jax import losses
+from vtp_jax import sharding
+from vtp_jax.models import vtp
+from vtp_jax.train import schedules
+from vtp_jax.train import state as state_lib
+
+IMAGENET_MEAN = jnp.array([0.485, 0.456, 0.406], jnp.float32)
+IMAGENET_STD = jnp.array([0.229, 0.224, 0.225], jnp.float32)
+
+
+def normalize(images_uint8):
+  """uint8 RGB -> ImageNet-normalised float32 (spec 1.12), on device."""
+  return (images_uint8.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _crops_first(x):
+  """(Bs, crops, ...) -> (crops, Bs, ...), the order the DINO losses take; Bs stays sharded."""
+  return jnp.swapaxes(x, 0, 1)
+
+
+def _merge_crops(x):
+  """(Bs, crops, ...) -> (Bs * crops, ...): one encoder batch, rows still contiguous per device."""
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def _masked_token_buffer(mask, size):
+  """Indices of the masked patches in a fixed-size buffer, their validity, and iBOT weights.
+
+  mask (n_images, n_patches) -> idx (size,) into the flattened (n_images * n_patches) tokens,
+  valid (size,) bool, weights (size,) = 1 / (masked patches of the token's image), 0 for padding.
+  """
+  n_images, n_patches = mask.shape
+  flat = mask.reshape(-1)
+  idx = jnp.nonzero(flat, size=size, fill_value=0)[0]
+  valid = jnp.arange(size) < jnp.sum(flat)
+  per_image = jnp.sum(mask, axis=1).astype(jnp.float32)
+  weights = jnp.where(valid, 1.0 / jnp.maximum(per_image[idx // n_patches], 1.0), 0.0)
+  return idx, valid, weights
+
+
+class _Step:
+  """Holds the static pieces (model, optimizer, schedules, config) the step closes over."""
+
+  def __init__(self, config, tx):
+    self.config = config
+    self.model = vtp.build(config)
+    self.tx = tx
+    self.branches = batch_lib.active_branches(config)
+    self.buffer_size = batch_lib.ibot_buffer_size(config)
+    self.lr = schedules.lr_schedule(config.optim, config.train.steps, config.data.batch_size)
+    self.wd = schedules.weight_decay_schedule(config.optim, config.train.steps)
+    self.momentum = schedules.momentum_schedule(config.optim, config.train.steps)
+    self.encoder_cfg = config.model.encoder
+
+  def apply(self, params, *args, method, rngs=None, **kwargs):
+    return self.model.apply({'params': params}, *args, method=method, rngs=rngs, **kwargs)
+
+  # -- branches ----------------------------------------------------------------------------------
+
+  def clip_loss(self, params, batch, rngs):
+    c, m = self.config, self.model
+    image = self.apply(params, normalize(batch['image']), method=m.clip_image_features,
+                       drop_rate=self.encoder_cfg.clip_drop_rate, train=True, rngs=rngs)
+    text = self.apply(params, batch['tokens'], method=m.clip_text_features)
+    logit_scale = params['clip']['logit_scale']
+    if c.loss.clip_type == 'sigmoid':
+      if 'logit_bias' not in params['clip']:
+        raise ValueError("loss.clip_type='sigmoid' needs model.logit_bias=True.")
+      return losses.clip_sigmoid_loss(image, text, logit_scale, params['clip']['logit_bias'])
+    return losses.clip_softmax_loss(image, text, logit_scale)
+
+  def teacher_targets(self, teacher_params, ssl, loss_state, temp):
+    """Teacher forward on the unmasked global crops: normalised targets and the raw logits."""
+    c, m = self.config, self.model
+    b_ssl, n_global = ssl['global'].shape[:2]
+    feats = self.apply(teacher_params, normalize(_merge_crops(ssl['global'])), method=m.encode)
+    idx, valid, _ = _masked_token_buffer(_merge_crops(ssl['mask']), self.buffer_size)
+    patches = feats['patches'].reshape(-1, feats['patches'].shape[-1])[idx]
+    logits = self.apply(teacher_params, jnp.concatenate([feats['cls'], patches]), method=m.dino)
+    cls_logits = _crops_first(logits[:n_global * b_ssl].reshape(b_ssl, n_global, -1))
+    patch_logits = logits[n_global * b_ssl:]
+    if c.loss.teacher_norm == 'centering':
+      cls_probs = losses.teacher_centering(cls_logits, loss_state['dino_center'], temp)
+      patch_probs = losses.teacher_centering(patch_logits, loss_state['ibot_center'], temp)
+    else:
+      iters = c.loss.sinkhorn_iterations
+      cls_probs = losses.sinkhorn_knopp(cls_logits, temp, iters)
+      patch_probs = losses.sinkhorn_knopp(patch_logits, temp, iters, valid=valid)
+    return jax.lax.stop_gradient((cls_probs, patch_probs, cls_logits, patch_logits, valid))
+
+  def ssl_loss(self, params, ssl, targets, rngs):
+    c, m = self.config, self.model
+    cls_probs, patch_probs, _, _, _ = targets
+    b_ssl, n_global = ssl['global'].shape[:2]
+    drop = self.encoder_cfg.ssl_drop_rate
+    mask = _merge_crops(ssl['mask'])
+    g = self.apply(params, normalize(_merge_crops(ssl['global'])), mask=mask, drop_rate=drop,
+                   train=True, method=m.encode, rngs=rngs)
+    cls_parts = [g['cls']]
+    n_local = ssl['local'].shape[1]
+    if n_local:
+      loc = self.apply(params, normalize(_merge_crops(ssl['local'])), drop_rate=drop, train=True,
+                       method=m.encode, rngs=rngs)
+      cls_parts.append(loc['cls'])
+    idx, _, weights = _masked_token_buffer(mask, self.buffer_size)
+    patches = g['patches'].reshape(-1, g['patches'].shape[-1])[idx]
+    # One head call over every CLS token and the masked-token buffer (the head is shared).
+    logits = self.apply(params, jnp.concatenate(cls_parts + [patches]), method=m.dino)
+    n_g_tokens = n_global * b_ssl
+    global_logits = _crops_first(logits[:n_g_tokens].reshape(b_ssl, n_global, -1))
+    local_logits = _crops_first(
+        logits[n_g_tokens:n_g_tokens + n_local * b_ssl].reshape(b_ssl, n_local, -1))
+    patch_logits = logits[n_g_tokens + n_local * b_ssl:]
+    dino, dino_metrics = losses.dino_loss(global_logits, local_logits, cls_probs,
+                                          c.loss.student_temp)
+    ibot = losses.ibot_loss(patch_logits, patch_probs, weights, n_global_images=n_g_tokens,
+                            student_temp=c.loss.student_temp)
+    koleo = losses.koleo_loss_global_crops(_crops_first(g['cls'].reshape(b_ssl, n_global, -1)))
+    total = (c.loss.dino_weight * dino + c.loss.ibot_weight * ibot + c.loss.koleo_weight * koleo)
+    return total, {'dino': dino, 'ibot': ibot, 'koleo': koleo, **dino_metrics}
+
+  def rec_loss(self, params, batch, frozen, rngs):
+    c, m = self.config, self.model
+    target = normalize(batch['image'])
+    latents = self.apply(params, target, drop_rate=self.encoder_cfg.rec_drop_rate, train=True,
+                         method=m.latents, rngs=rngs)
+    pred = self.apply(params, latents, method=m.decode)
+    return losses.reconstruction_loss(pred, target, frozen.get('lpips'), c.loss.l1_weight,
+                                      c.loss.lpips_weight, c.loss.l1_space)
+
+  # -- the step ----------------------------------------------------------------------------------
+
+  def __call__(self, state, batch, frozen):
+    c = self.config
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    temp = losses.teacher_temperature(state.step, warmup_steps=c.loss.teacher_temp_warmup_steps,
+                                      warmup_temp=c.loss.teacher_temp_warmup,
+                                      final_temp=c.loss.teacher_temp)
+    targets = None
+    if 'ssl' in self.branches:
+      teacher_params = {**state.params, **state.teacher}
+      targets = self.teacher_targets(teacher_params, batch['ssl'], state.loss_state, temp)
+
+    def loss_fn(params):
+      metrics, total = {}, 0.0
+      keys = iter(jax.random.split(step_rng, 6))
+      rngs = lambda: {'drop_path': next(keys), 'rope': next(keys)}  # noqa: E731
+      if 'clip' in self.branches:
+        clip, clip_metrics = self.clip_loss(params, batch['clip'], rngs())
+        total += c.loss.clip_weight * clip
+        metrics.update(clip=clip, **clip_metrics)
+      if 'ssl' in self.branches:
+        ssl, ssl_metrics = self.ssl_loss(params, batch['ssl'], targets, rngs())
+        total += c.loss.ssl_weight * ssl
+        metrics.update(ssl=ssl, **ssl_metrics)
+      if 'rec' in self.branches:
+        rec, rec_metrics = self.rec_loss(params, batch['rec'], frozen, rngs())
+        total += c.loss.rec_weight * rec
+        metrics.update(rec=rec, **rec_metrics)
+      return total, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    clip_params = dict(params['clip'])
+    clip_params['logit_scale'] = losses.clamp_logit_scale(clip_params['logit_scale'],
+                                                          c.loss.max_logit_scale)
+    params = {**params, 'clip': clip_params}
+
+    teacher, loss_state = state.teacher, state.loss_state
+    momentum = self.momentum(state.step)
+    if 'ssl' in self.branches:
+      teacher = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s,
+                             state.teacher, state_lib.teacher_of(params))
+      cls_probs, patch_probs, cls_logits, patch_logits, valid = targets
+      if c.loss.teacher_norm == 'centering':
+        m_c = c.loss.center_momentum
+        loss_state = {
+            'dino_center': losses.update_center(loss_state['dino_center'], cls_logits, m_c),
+            'ibot_center': losses.update_center(loss_state['ibot_center'], patch_logits, m_c,
+                                                valid=valid)}
+      metrics['teacher_entropy'] = losses.teacher_entropy(cls_probs)
+      metrics['teacher_patch_entropy'] = losses.teacher_entropy(patch_probs, valid=valid)
+
+    metrics.update(
+        loss=loss, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+        update_norm=optax.tree.norm(updates), lr=self.lr(state.step),
+        weight_decay=self.wd(state.step), logit_scale=jnp.exp(params['clip']['logit_scale']),
+        teacher_temp=temp, teacher_momentum=momentum)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              teacher=teacher, loss_state=loss_state)
+    return new_state, metrics
+
+
+def frozen_inputs(config) -> dict:
+  """Constant inputs of the step (not trained, not checkpointed): the LPIPS network weights."""
+  if 'rec' in batch_lib.active_branches(config) and config.loss.lpips_weight:
+    return {'lpips': jax.tree.map(jnp.asarray, losses.load_lpips_params())}
+  return {}
+
+
+def make_train_step(config, mesh, state_shardings, tx):
+  """The jitted step `(state, batch, frozen) -> (state, metrics)`, state donated.
+
+  Shardings are explicit on every input and output; metrics come back replicated.
+  """
+  batch_lib.check_divisible(config, mesh)
+  step = _Step(config, tx)
+  rules = sharding.rules_from_config(config)
+  replicated = sharding.replicated(mesh)
+  batch_shardings = batch_lib.batch_shardings(config, mesh)
+  frozen_shardings = jax.tree.map(lambda _: replicated, frozen_inputs_abstract(config))
+
+  @functools.wraps(step.__call__)
+  def step_fn(state, batch, frozen):
+    with nn.logical_axis_rules(rules):
+      return step(state, batch, frozen)
+
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+  def run(state, batch, frozen):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch, frozen)
+
+  run.jitted = jitted
+  run.step = step
+  return run
+
+
+def frozen_inputs_abstract(config) -> dict:
+  if 'rec' in batch_lib.active_branches(config) and config.loss.lpips_weight:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        {'lpips': losses.load_lpips_params()})
+  return {}
