@@ -1,0 +1,136 @@
+"""Benchmark one train step on synthetic batches and print JSON.
+
+  python -m vtp_jax.bench.step --config=configs/vtp_s.py [--peak=measure|FLOPS] [--steps=10]
+      [--config.data.batch_size=8 ...]
+
+Reports the analytic FLOPs per step (per branch, `vtp_jax.train.flops`), XLA's count for the
+compiled step, the median step time after warm-up, achieved FLOP/s, MFU against the peak, and peak
+memory. `--peak=measure` times a large matmul of the step's compute dtype in the same process, so
+MFU on a CPU means "fraction of what this machine's matmul reaches". Imports stay inside main() so
+the module runs wherever jax, flax and optax exist (the data stack is not needed).
+"""
+
+import json
+import statistics
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file', lock_config=False)
+flags.DEFINE_string('peak', 'measure', "'measure' (time a large matmul here) or peak FLOP/s")
+flags.DEFINE_integer('steps', 5, 'timed steps after the warm-up step')
+flags.DEFINE_integer('matmul_size', 4096, 'side of the square matmul timed by --peak=measure')
+FLAGS = flags.FLAGS
+
+
+def measure_matmul_flops(size: int, dtype) -> float:
+  """FLOP/s of a (size x size) @ (size x size) matmul in `dtype`, best of several runs."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(5):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * size ** 3 / min(times)
+
+
+def _peak_memory(compiled) -> dict:
+  import jax
+  out = {}
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    out['device_peak_bytes'] = int(stats['peak_bytes_in_use'])
+  try:
+    analysis = compiled.memory_analysis()
+    out['compiled_temp_bytes'] = int(analysis.temp_size_in_bytes)
+    out['compiled_argument_bytes'] = int(analysis.argument_size_in_bytes)
+  except (AttributeError, NotImplementedError):
+    pass
+  return out
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from vtp_jax import batch as batch_lib
+  from vtp_jax import sharding
+  from vtp_jax.models import layers
+  from vtp_jax.train import flops as flops_lib
+  from vtp_jax.train import state as state_lib
+  from vtp_jax.train import step as step_lib
+
+  config = _CONFIG.value
+  mesh = sharding.make_mesh(config.mesh)
+  state, shardings, tx = state_lib.create(config, mesh)
+  step = step_lib.make_train_step(config, mesh, shardings, tx)
+  frozen = jax.device_put(step_lib.frozen_inputs(config), sharding.replicated(mesh))
+  batch = jax.device_put(batch_lib.synthetic_batch(config),
+                         batch_lib.batch_shardings(config, mesh))
+
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = step.jitted.lower(state, batch, frozen).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+  state, metrics = step(state, batch, frozen)  # warm-up (also checks it runs)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(FLAGS.steps):
+    t = time.perf_counter()
+    state, metrics = step(state, batch, frozen)
+    jax.block_until_ready((state.step, metrics))
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+
+  analytic = flops_lib.step_flops(config)
+  if FLAGS.peak == 'measure':
+    peak = measure_matmul_flops(FLAGS.matmul_size,
+                                layers.dtype_of(config.precision.compute_dtype)) * len(jax.devices())
+    peak_source = f'measured {FLAGS.matmul_size}^2 matmul x {len(jax.devices())} devices'
+  else:
+    peak, peak_source = float(FLAGS.peak), 'given'
+  achieved = analytic['total'] / step_s
+  b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
+  report = {
+      'config': {'encoder': config.model.encoder.width, 'depth': config.model.encoder.depth,
+                 'batch': b, 'ssl_batch': b_ssl, 'rec_batch': b_rec,
+                 'image_size': config.data.image_size,
+                 'branches': list(batch_lib.active_branches(config)),
+                 'compute_dtype': config.precision.compute_dtype,
+                 'remat': config.precision.remat_policy,
+                 'attention': config.precision.attention},
+      'devices': [str(d.device_kind) for d in jax.devices()][:1] + [len(jax.devices())],
+      'mesh': dict(mesh.shape),
+      'flops_analytic': analytic,
+      'flops_xla': xla_flops,
+      'compile_s': round(compile_s, 2),
+      'step_time_s_median': step_s,
+      'step_times_s': [round(t, 4) for t in times],
+      'achieved_flops_per_s': achieved,
+      'peak_flops_per_s': peak,
+      'peak_source': peak_source,
+      'mfu': achieved / peak,
+      'memory': _peak_memory(compiled),
+      'final_loss': float(np.asarray(metrics['loss'])),
+      'jax': jax.__version__,
+  }
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
+  sys.exit(0)

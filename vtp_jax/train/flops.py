@@ -1,0 +1,98 @@
+"""Analytic FLOPs of one train step, per branch, in MaxText's MFU convention.
+
+A matmul of (m, k) by (k, n) costs 2 m k n. A trained module costs 3x its forward (forward, then
+gradients for activations and weights); the EMA teacher and the frozen LPIPS network only run
+forward (LPIPS also back-propagates to its input: counted as one more forward). Attention scores
+and values cost 4 N^2 D per layer (halved under a causal mask). Elementwise work, norms, softmax
+and the optimizer are not counted, as in MaxText. Rematerialisation is not counted either, so this
+is model FLOPs (MFU), not hardware FLOPs (XLA's count in the benchmark includes remat).
+"""
+
+from vtp_jax import batch as batch_lib
+from vtp_jax.models import layers
+
+# VGG16 conv stack as LPIPS runs it: (output channels, input channels, spatial downsampling so far).
+_VGG16 = [(64, 3, 1), (64, 64, 1), (128, 64, 2), (128, 128, 2), (256, 128, 4), (256, 256, 4),
+          (256, 256, 4), (512, 256, 8), (512, 512, 8), (512, 512, 8), (512, 512, 16),
+          (512, 512, 16), (512, 512, 16)]
+
+
+def block_forward(n_tokens: int, width: int, mlp_hidden: int, mlp: str, causal: bool = False,
+                  attention: bool = True) -> float:
+  """Forward FLOPs of one pre-norm transformer block on one sequence."""
+  n, d, f = n_tokens, width, mlp_hidden
+  dense = 2 * n * d * 3 * d + 2 * n * d * d + (3 if mlp == 'swiglu' else 2) * 2 * n * d * f
+  attn = 4 * n * n * d * (0.5 if causal else 1.0) if attention else 0.0
+  return dense + attn
+
+
+def _tower(tower, n_tokens, causal=False, attention=True):
+  spec = layers.BlockSpec(width=tower.width, heads=tower.heads, mlp=tower.get('mlp', 'gelu'),
+                          mlp_ratio=tower.mlp_ratio)
+  return tower.depth * block_forward(n_tokens, tower.width, spec.mlp_hidden, spec.mlp, causal,
+                                     attention)
+
+
+def encoder_forward(config, image_side: int, bottleneck: bool = False,
+                    attention: bool = True) -> float:
+  m = config.model
+  p, d = m.patch_size, m.encoder.width
+  n_patches = (image_side // p) ** 2
+  n_tokens = n_patches + 1 + m.encoder.n_registers
+  flops = 2 * n_patches * (3 * p * p) * d + _tower(m.encoder, n_tokens, attention=attention)
+  if bottleneck:
+    flops += 2 * n_patches * d * m.bottleneck_dim
+  return flops
+
+
+def decoder_forward(config, image_side: int, attention: bool = True) -> float:
+  m = config.model
+  n = (image_side // m.patch_size) ** 2
+  dd = m.decoder.width
+  return (2 * n * m.bottleneck_dim * dd + _tower(m.decoder, n, attention=attention) +
+          2 * n * dd * 3 * m.patch_size ** 2)
+
+
+def text_forward(config) -> float:
+  t = config.model.text
+  return _tower(t, t.context_length, causal=t.causal) + 2 * t.width * config.model.clip_dim
+
+
+def dino_head_forward(config, n_tokens: int) -> float:
+  h, m = config.model.dino_head, config.model
+  in_dim = m.encoder.width if m.bottleneck_ae_only else m.bottleneck_dim
+  widths = [in_dim] + [h.hidden] * (h.nlayers - 1) + [h.bottleneck, h.prototypes]
+  return n_tokens * sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def vgg16_forward(image_side: int) -> float:
+  return sum(2 * (image_side // s) ** 2 * 9 * c_in * c_out for c_out, c_in, s in _VGG16)
+
+
+def step_flops(config) -> dict:
+  """{'clip', 'ssl', 'rec', 'total'}: analytic FLOPs of one step over the global batch."""
+  d, m = config.data, config.model
+  b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
+  branches = batch_lib.active_branches(config)
+  out = {}
+  if 'clip' in branches:
+    image = encoder_forward(config, d.image_size) + 2 * m.encoder.width * m.clip_dim
+    logits = 2 * 2 * b * b * m.clip_dim  # both directions' similarity matmuls
+    out['clip'] = 3 * (b * (image + text_forward(config)) + logits)
+  if 'ssl' in branches:
+    n_global = batch_lib.N_GLOBAL_CROPS * b_ssl
+    n_local = d.n_local_crops * b_ssl
+    buffer = batch_lib.ibot_buffer_size(config)
+    student = (n_global * encoder_forward(config, d.global_crop_size) +
+               n_local * encoder_forward(config, d.local_crop_size) +
+               dino_head_forward(config, n_global + n_local + buffer))
+    teacher = (n_global * encoder_forward(config, d.global_crop_size) +
+               dino_head_forward(config, n_global + buffer))
+    out['ssl'] = 3 * student + teacher
+  if 'rec' in branches:
+    autoencoder = (encoder_forward(config, d.image_size, bottleneck=True) +
+                   decoder_forward(config, d.image_size))
+    lpips = 3 * vgg16_forward(d.image_size) if config.loss.lpips_weight else 0.0
+    out['rec'] = b_rec * (3 * autoencoder + lpips)
+  out['total'] = sum(out.values())
+  return out
