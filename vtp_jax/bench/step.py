@@ -51,7 +51,7 @@ def _peak_memory(compiled) -> dict:
     analysis = compiled.memory_analysis()
     out['compiled_temp_bytes'] = int(analysis.temp_size_in_bytes)
     out['compiled_argument_bytes'] = int(analysis.argument_size_in_bytes)
-  except (AttributeError, NotImplementedError):
+  except (AttributeError, NotImplementedError):  # some backends implement no memory analysis
     pass
   return out
 

@@ -30,15 +30,6 @@ def _template(rule: fmt.Rule) -> tuple[re.Pattern, str]:
   return ours, torch
 
 
-def _flatten(tree, prefix):
-  for key, value in tree.items():
-    path = f'{prefix}/{key}'
-    if isinstance(value, dict):
-      yield from _flatten(value, path)
-    else:
-      yield path, value
-
-
 def to_reference(config, params, teacher=None, legacy: bool = False) -> dict:
   """Our (any-layout) params -> {PyTorch key: numpy array} of the released format."""
   trees = {'params': layout.unstack_blocks(params)}
@@ -49,7 +40,7 @@ def to_reference(config, params, teacher=None, legacy: bool = False) -> dict:
   templates = [(*_template(rule), rule) for rule in fmt.rules(legacy)]
   out, unmapped = {}, []
   for name, tree in trees.items():
-    for path, value in _flatten(tree, name):
+    for path, value in fmt.flatten(tree, name).items():
       for pattern, torch_template, rule in templates:
         match = pattern.match(path)
         if match:

@@ -31,28 +31,6 @@ def is_legacy(keys) -> bool:
              for k in keys)
 
 
-def _flatten(tree, prefix=''):
-  out = {}
-  for key, value in tree.items():
-    path = f'{prefix}/{key}' if prefix else key
-    if isinstance(value, dict):
-      out.update(_flatten(value, path))
-    else:
-      out[path] = value
-  return out
-
-
-def _unflatten(flat):
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
 def expected_shapes(config, with_dino_head: bool) -> dict:
   """'/'-joined param paths -> shapes of the model `config` describes (unrolled layout)."""
   model = vtp.build(config)
@@ -63,7 +41,7 @@ def expected_shapes(config, with_dino_head: bool) -> dict:
   params = layout.unstack_blocks(nn.unbox(abstract)['params'])
   if not with_dino_head:
     params.pop('dino_head')
-  return {f'params/{k}': v.shape for k, v in _flatten(params).items()}
+  return {f'params/{k}': v.shape for k, v in fmt.flatten(params).items()}
 
 
 def _dino_head_from_weights(config, tensors):
@@ -138,7 +116,7 @@ def read_reference(src):
              [f'shape mismatch: {e}' for e in shape_errors] + errors)
     raise ValueError(f'{src} does not match the model its config.json describes:\n  ' +
                      '\n  '.join(lines))
-  return config, _unflatten(flat)
+  return config, fmt.unflatten(flat)
 
 
 def import_reference(src, dst, scan_layers: bool = True):

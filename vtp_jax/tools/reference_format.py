@@ -168,6 +168,30 @@ def to_torch(kind: str, x: np.ndarray) -> np.ndarray:
   raise ValueError(f'unknown rule kind {kind!r}')
 
 
+def flatten(tree, prefix: str = '') -> dict:
+  """Nested dict -> {'a/b/c': leaf}."""
+  out = {}
+  for key, value in tree.items():
+    path = f'{prefix}/{key}' if prefix else key
+    if isinstance(value, dict):
+      out.update(flatten(value, path))
+    else:
+      out[path] = value
+  return out
+
+
+def unflatten(flat: dict) -> dict:
+  """{'a/b/c': leaf} -> nested dict."""
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
 def dino_mlp_index(torch_index: int) -> int:
   """DINOv2 puts GELUs between the linears, so torch mlp.0/2/4 are our mlp_0/1/2."""
   return torch_index // 2

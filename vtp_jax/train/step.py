@@ -83,12 +83,16 @@ class _Step:
       return losses.clip_sigmoid_loss(image, text, logit_scale, params['clip']['logit_bias'])
     return losses.clip_softmax_loss(image, text, logit_scale)
 
-  def teacher_targets(self, teacher_params, ssl, loss_state, temp):
+  def masked_buffer(self, ssl):
+    """(idx, valid, weights) of the masked global-crop patches, shared by teacher and student."""
+    return _masked_token_buffer(_merge_crops(ssl['mask']), self.buffer_size)
+
+  def teacher_targets(self, teacher_params, ssl, buffer, loss_state, temp):
     """Teacher forward on the unmasked global crops: normalised targets and the raw logits."""
     c, m = self.config, self.model
     b_ssl, n_global = ssl['global'].shape[:2]
     feats = self.apply(teacher_params, normalize(_merge_crops(ssl['global'])), method=m.encode)
-    idx, valid, _ = _masked_token_buffer(_merge_crops(ssl['mask']), self.buffer_size)
+    idx, valid, _ = buffer
     patches = feats['patches'].reshape(-1, feats['patches'].shape[-1])[idx]
     logits = self.apply(teacher_params, jnp.concatenate([feats['cls'], patches]), method=m.dino)
     cls_logits = _crops_first(logits[:n_global * b_ssl].reshape(b_ssl, n_global, -1))
@@ -102,7 +106,7 @@ class _Step:
       patch_probs = losses.sinkhorn_knopp(patch_logits, temp, iters, valid=valid)
     return jax.lax.stop_gradient((cls_probs, patch_probs, cls_logits, patch_logits, valid))
 
-  def ssl_loss(self, params, ssl, targets, rngs):
+  def ssl_loss(self, params, ssl, buffer, targets, rngs):
     c, m = self.config, self.model
     cls_probs, patch_probs, _, _, _ = targets
     b_ssl, n_global = ssl['global'].shape[:2]
@@ -116,7 +120,7 @@ class _Step:
       loc = self.apply(params, normalize(_merge_crops(ssl['local'])), drop_rate=drop, train=True,
                        method=m.encode, rngs=rngs)
       cls_parts.append(loc['cls'])
-    idx, _, weights = _masked_token_buffer(mask, self.buffer_size)
+    idx, _, weights = buffer
     patches = g['patches'].reshape(-1, g['patches'].shape[-1])[idx]
     # One head call over every CLS token and the masked-token buffer (the head is shared).
     logits = self.apply(params, jnp.concatenate(cls_parts + [patches]), method=m.dino)
@@ -150,10 +154,11 @@ class _Step:
     temp = losses.teacher_temperature(state.step, warmup_steps=c.loss.teacher_temp_warmup_steps,
                                       warmup_temp=c.loss.teacher_temp_warmup,
                                       final_temp=c.loss.teacher_temp)
-    targets = None
+    targets = buffer = None
     if 'ssl' in self.branches:
+      buffer = self.masked_buffer(batch['ssl'])
       teacher_params = {**state.params, **state.teacher}
-      targets = self.teacher_targets(teacher_params, batch['ssl'], state.loss_state, temp)
+      targets = self.teacher_targets(teacher_params, batch['ssl'], buffer, state.loss_state, temp)
 
     def loss_fn(params):
       metrics, total = {}, 0.0
@@ -164,7 +169,7 @@ class _Step:
         total += c.loss.clip_weight * clip
         metrics.update(clip=clip, **clip_metrics)
       if 'ssl' in self.branches:
-        ssl, ssl_metrics = self.ssl_loss(params, batch['ssl'], targets, rngs())
+        ssl, ssl_metrics = self.ssl_loss(params, batch['ssl'], buffer, targets, rngs())
         total += c.loss.ssl_weight * ssl
         metrics.update(ssl=ssl, **ssl_metrics)
       if 'rec' in self.branches:
@@ -206,9 +211,13 @@ class _Step:
     return new_state, metrics
 
 
+def _uses_lpips(config) -> bool:
+  return 'rec' in batch_lib.active_branches(config) and bool(config.loss.lpips_weight)
+
+
 def frozen_inputs(config) -> dict:
   """Constant inputs of the step (not trained, not checkpointed): the LPIPS network weights."""
-  if 'rec' in batch_lib.active_branches(config) and config.loss.lpips_weight:
+  if _uses_lpips(config):
     return {'lpips': jax.tree.map(jnp.asarray, losses.load_lpips_params())}
   return {}
 
@@ -243,7 +252,8 @@ def make_train_step(config, mesh, state_shardings, tx):
 
 
 def frozen_inputs_abstract(config) -> dict:
-  if 'rec' in batch_lib.active_branches(config) and config.loss.lpips_weight:
+  """Shapes of `frozen_inputs` (the weights are read once per process, lru-cached)."""
+  if _uses_lpips(config):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
                         {'lpips': losses.load_lpips_params()})
   return {}
