@@ -95,6 +95,31 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.mask_ratio_min = 0.1  # iBOT mask ratio range, low end [R DINOv2]
   c.data.mask_ratio_max = 0.5  # iBOT mask ratio range, high end; sizes the static token buffer [R]
   c.data.mask_probability = 0.5  # chance a global crop is masked at all [R DINOv2]
+  # Views and masks (vtp_jax/data/views.py, masking.py); scales are area fractions of the image.
+  c.data.mask_min_block_patches = 4  # smallest block area in patches [R BEiT/DINOv2]
+  c.data.mask_min_aspect = 0.3  # block aspect log-uniform in [min, 1/min] [R BEiT/DINOv2]
+  c.data.mask_attempts = 10  # block draws per round before a mask stops short [R BEiT/DINOv2]
+  c.data.mask_max_block_fraction = 0.5  # one block adds at most this fraction of N patches [R DINOv2]
+  c.data.crop_ratio = (3 / 4, 4 / 3)  # aspect range of every random resized crop [R torchvision]
+  c.data.clip_crop_scale = (0.9, 1.0)  # CLIP view crop scale [R OpenCLIP] (VTP: [?])
+  c.data.rec_crop_scale = (0.8, 1.0)  # reconstruction view crop scale, kept mild [?]
+  c.data.rec_flip_probability = 0.5  # horizontal flip of the reconstruction view [?]
+  c.data.global_crop_scale = (0.32, 1.0)  # DINO global crop scale [R DINOv2]
+  c.data.local_crop_scale = (0.05, 0.32)  # DINO local crop scale [R DINOv2]
+  c.data.flip_probability = 0.5  # horizontal flip of every SSL crop [R DINOv2]
+  c.data.color_jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue [R DINOv2]
+  c.data.color_jitter_probability = 0.8  # chance the jitter applies to an SSL crop [R DINOv2]
+  c.data.grayscale_probability = 0.2  # SSL crops turned grey [R DINOv2]
+  c.data.blur_probability = (1.0, 0.1, 0.5)  # Gaussian blur on global 1, global 2, locals [R DINOv2]
+  c.data.blur_sigma = (0.1, 2.0)  # blur sigma range in pixels, kernel 9 [R DINOv2]
+  c.data.solarize_probability = 0.2  # solarise (>= 128 inverted) global crop 2 [R DINOv2]
+  # Loader (vtp_jax/data/pipeline.py).
+  c.data.seed = 0  # data order and augmentation seed (independent of the model seed)
+  c.data.num_epochs = 0  # passes over the source; 0 repeats forever
+  c.data.read_threads = 8  # Grain ReadOptions.num_threads: decode threads per worker
+  c.data.read_buffer_size = 256  # Grain ReadOptions.prefetch_buffer_size: decoded records ahead
+  c.data.worker_count = 0  # Grain mp_prefetch worker processes; 0 = everything in-process
+  c.data.prefetch_buffer_size = 2  # batches each worker keeps ready
 
   c.loss = ml_collections.ConfigDict()
   c.loss.clip_weight = 1.0  # lambda_clip; 0 removes the CLIP branch from the step [P]
@@ -140,6 +165,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 125000  # total optimizer steps (VTP's are unknown [?]); schedules end here
 
+  c.gan = ml_collections.ConfigDict()  # stage 2: decoder vs PatchGAN, tokenizer frozen [P]; recipe [R LDM]
+  c.gan.enabled = False  # True turns the run into the decoder GAN stage (configs/vtp_*_gan.py)
+  c.gan.loss = 'hinge'  # 'hinge' or 'non_saturating' discriminator/generator pair [R LDM]
+  c.gan.disc_weight = 0.5  # multiplies the adaptive weight of the generator term [R VA-VAE]
+  c.gan.max_adaptive_weight = 1e4  # clip of ||grad nll|| / ||grad g|| at the last layer [R LDM]
+  c.gan.start_step = 0  # GAN terms off before this stage-2 step (LDM disc_start) [?]
+  c.gan.disc_channels = 64  # PatchGAN base width (ndf) [R taming]
+  c.gan.disc_layers = 3  # PatchGAN stride-2 layers (n_layers) [R taming]
+  c.gan.lr = 1e-4  # decoder Adam lr, constant after warm-up [R LDM]
+  c.gan.disc_lr = 1e-4  # discriminator Adam lr [R LDM]
+  c.gan.b1 = 0.5  # Adam beta1 of both players [R LDM]
+  c.gan.b2 = 0.9  # Adam beta2 of both players [R LDM]
+  c.gan.weight_decay = 0.0  # decoder weight decay in stage 2 [R LDM: plain Adam]
+  c.gan.warmup_steps = 0  # linear lr warm-up of both players [?]
+  c.gan.clip_grad_norm = 0.0  # decoder gradient clipping by norm; 0 disables [R LDM: none]
+
   c.precision = ml_collections.ConfigDict()
   c.precision.compute_dtype = 'bfloat16'  # activations and matmuls; parameters stay float32 [R DINOv3]
   c.precision.rope_dtype = 'bfloat16'  # 'bfloat16' reproduces the reference RoPE bit for bit [C]
@@ -152,4 +193,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis size (ZeRO-3 style)
   c.mesh.tensor = 1  # tensor-parallel axis size (heads, MLP hidden, vocab, prototypes)
   c.mesh.rules = ()  # extra (logical, mesh axes) rules placed before the defaults in sharding.py
+
+  c.evals = ml_collections.ConfigDict()  # evaluations (vtp_jax/eval), in training and standalone
+  c.evals.every_steps = 0  # run evals.tasks every N training steps; 0 = never during training
+  c.evals.tasks = 'zero_shot,linear_probe,reconstruction'  # comma list run by eval.run_evals
+  c.evals.dataset = 'tfds:imagenet2012:validation'  # what is measured (spec 4.1: ImageNet val) [C]
+  c.evals.train_dataset = 'tfds:imagenet2012:train'  # where the linear probe is fitted [C]
+  c.evals.max_examples = 10000  # evenly spaced examples of evals.dataset; 0 = all (paper: 50k) [?]
+  c.evals.max_train_examples = 50000  # evenly spaced probe-fitting examples; 0 = all [?]
+  c.evals.batch_size = 64  # images per tokenizer call (the last batch is padded, no recompile)
+  c.evals.templates = 'auto'  # 'auto' (shapes->'shapes', else 'openai' 80) |openai|simple|shapes|name
+  c.evals.class_names = ''  # text file, one class name a line, overriding the dataset's names
+  c.evals.probe_n_blocks = '1,4'  # CLS tokens of the last n blocks (+ mean patch token) [C DINOv2]
+  c.evals.probe_latent_pool = 'mean'  # bottleneck-latent probe input: 'mean' over tokens, 'flatten' [?]
+  c.evals.probe_lrs = '1e-5,2e-5,5e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,1e-2,2e-2,5e-2,0.1'  # x B/256 [C]
+  c.evals.probe_optimizer = 'sgd'  # 'sgd' (momentum 0.9, wd 0, cosine [C DINOv2]) or 'adamw'
+  c.evals.probe_steps = 1000  # probe iterations (DINOv2: 12500 at batch 1024) [?]
+  c.evals.probe_batch_size = 256  # probe mini-batch (DINOv2: 128/GPU x 8) [?]
+  c.evals.probe_select = 'eval'  # pick the lr on the eval set (DINOv2) or a 'holdout' 10% of train
+  c.evals.fid_weights = ''  # converted FID InceptionV3 weights (docs/evaluation.md); '' skips rFID
+  c.evals.seed = 0  # probe init and sampling, latent-stats subset
   return c

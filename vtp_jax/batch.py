@@ -94,12 +94,15 @@ def batch_shardings(config, mesh) -> dict:
 
 
 def check_divisible(config, mesh) -> None:
-  """Every sub-batch must split evenly over the batch-sharding axes."""
+  """Every sub-batch an active branch uses must split evenly over the batch-sharding axes."""
   n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
   b, b_ssl, b_rec = sub_batch_sizes(config)
-  for name, size in (('data.batch_size', b), ('SSL sub-batch (batch_size*ssl_batch_fraction)',
-                     b_ssl), ('rec sub-batch (batch_size*rec_batch_fraction)', b_rec)):
-    if size and size % n:
+  active = active_branches(config)
+  for branch, name, size in (
+      ('clip', 'data.batch_size', b),
+      ('ssl', 'SSL sub-batch (batch_size*ssl_batch_fraction)', b_ssl),
+      ('rec', 'rec sub-batch (batch_size*rec_batch_fraction)', b_rec)):
+    if branch in active and size and size % n:
       raise ValueError(f'{name} = {size} does not divide over the {n} devices of the '
                        "('data', 'fsdp') mesh axes; change the batch size or mesh.")
 

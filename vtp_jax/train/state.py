@@ -62,7 +62,7 @@ def _loss_state(config):
   return {}
 
 
-def _opt_state_shardings(abstract_opt_state, param_shardings, mesh):
+def opt_state_shardings(abstract_opt_state, param_shardings, mesh):
   """Leaves of the optimizer state that mirror a parameter (Adam moments) take its sharding;
   counters, schedules' scalars and anything else are replicated."""
   by_path = {tuple(k.key for k in path): s for path, s in
@@ -79,11 +79,10 @@ def _opt_state_shardings(abstract_opt_state, param_shardings, mesh):
   return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def create(config, mesh, rng_seed: int | None = None):
-  """(state, state_shardings, optimizer): the train state initialised straight into its shards."""
+def param_init(config, mesh):
+  """(init_params(key) -> boxed params, their NamedShardings, their abstract unboxed shapes)."""
   model = vtp.build(config)
   rules = sharding.rules_from_config(config)
-  seed = config.seed if rng_seed is None else rng_seed
   images, tokens = _init_inputs(config)
 
   def init_params(key):
@@ -93,6 +92,20 @@ def create(config, mesh, rng_seed: int | None = None):
     boxed = jax.eval_shape(init_params, jax.random.key(0))
     param_shardings = sharding.logical_to_sharding(boxed, mesh, rules)
     params_shape = sharding.unbox_without_constraint(boxed)
+  return init_params, param_shardings, params_shape
+
+
+def create(config, mesh, rng_seed: int | None = None):
+  """(state, state_shardings, optimizer): the train state initialised straight into its shards.
+
+  With `config.gan.enabled` this is the decoder GAN stage's state (`train/gan_stage.py`).
+  """
+  if config.gan.enabled:
+    from vtp_jax.train import gan_stage  # local: gan_stage builds on this module
+    return gan_stage.create(config, mesh, rng_seed)
+  rules = sharding.rules_from_config(config)
+  seed = config.seed if rng_seed is None else rng_seed
+  init_params, param_shardings, params_shape = param_init(config, mesh)
   tx = make_optimizer(config, params_shape)
 
   def init_state(key):
@@ -108,7 +121,7 @@ def create(config, mesh, rng_seed: int | None = None):
     abstract = jax.eval_shape(init_state, jax.random.key(seed))
     shardings = TrainState(
         step=replicated, params=param_shardings,
-        opt_state=_opt_state_shardings(abstract.opt_state, param_shardings, mesh),
+        opt_state=opt_state_shardings(abstract.opt_state, param_shardings, mesh),
         teacher=teacher_of(param_shardings),
         loss_state=jax.tree.map(lambda _: replicated, abstract.loss_state),
         rng=replicated, disc={})

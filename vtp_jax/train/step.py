@@ -225,14 +225,18 @@ def frozen_inputs(config) -> dict:
 def make_train_step(config, mesh, state_shardings, tx):
   """The jitted step `(state, batch, frozen) -> (state, metrics)`, state donated.
 
-  Shardings are explicit on every input and output; metrics come back replicated.
+  Shardings are explicit on every input and output; metrics come back replicated. With
+  `config.gan.enabled` this is the decoder GAN stage's step (`train/gan_stage.py`).
   """
+  replicated = sharding.replicated(mesh)
+  frozen_shardings = jax.tree.map(lambda _: replicated, frozen_inputs_abstract(config))
+  if config.gan.enabled:
+    from vtp_jax.train import gan_stage  # local: gan_stage imports this package's state module
+    return gan_stage.make_gan_step(config, mesh, state_shardings, tx, frozen_shardings)
   batch_lib.check_divisible(config, mesh)
   step = _Step(config, tx)
   rules = sharding.rules_from_config(config)
-  replicated = sharding.replicated(mesh)
   batch_shardings = batch_lib.batch_shardings(config, mesh)
-  frozen_shardings = jax.tree.map(lambda _: replicated, frozen_inputs_abstract(config))
 
   @functools.wraps(step.__call__)
   def step_fn(state, batch, frozen):

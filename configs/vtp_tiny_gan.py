@@ -1,0 +1,7 @@
+"""The decoder GAN stage at vtp_tiny size; start from stage 1 with --config.train.init_from=DIR."""
+
+from configs import gan_stage, vtp_tiny
+
+
+def get_config():
+  return gan_stage.to_gan_stage(vtp_tiny.get_config(), steps=300)
