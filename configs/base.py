@@ -85,6 +85,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = model_config()
 
   c.data = ml_collections.ConfigDict()
+  # Sources (vtp_jax/data/sources.py): tfds:NAME[:SPLIT], tar:GLOB, arrayrecord:GLOB, folder:PATH,
+  # shapes[:SPLIT].
+  c.data.source = 'shapes'  # which records to train on; 'shapes' = embedded vtp_shapes train split
+  c.data.data_dir = ''  # TFDS data dir (also where vtp_shapes is prepared); '' = TFDS default
+  c.data.index_cache_dir = ''  # tar index cache folder; '' = beside each shard (or ~/.cache)
+  c.data.image_key = 'image'  # TFDS feature holding the image ('a/b' for nested features)
+  c.data.caption_key = 'caption'  # TFDS feature holding the caption (first one if a list)
+  c.data.label_key = 'label'  # TFDS feature / tar .json field holding an int label; '' = none
+  c.data.shapes_train_size = 20000  # vtp_shapes training examples; prepared once (~1 CPU-min)
+  c.data.shapes_val_size = 2000  # vtp_shapes validation examples
+  c.data.shapes_image_size = 64  # vtp_shapes image side in pixels
   c.data.image_size = 256  # CLIP and reconstruction image side in pixels [C][HF]
   c.data.batch_size = 16384  # global CLIP batch B of image-caption pairs [P]
   c.data.ssl_batch_fraction = 0.25  # SSL sub-batch = B/4 (4k of 16k) [P]
@@ -164,6 +175,23 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 125000  # total optimizer steps (VTP's are unknown [?]); schedules end here
+  # The driver (vtp_jax/train/loop.py, launch/main.py); seeds are c.seed (model) and c.data.seed.
+  c.train.checkpoint_every = 1000  # async Orbax save every N steps (and at the end and on SIGTERM)
+  c.train.keep_checkpoints = 3  # newest K checkpoints kept in WORKDIR/checkpoints
+  c.train.stop_after_steps = 0  # end this invocation (saving) after N steps (job time limits); 0 = off
+  c.train.init_from = ''  # params folder or training workdir to start from (partial); '' = fresh
+  c.train.log_every = 50  # steps per console line / metrics.jsonl row / TensorBoard scalars
+  c.train.image_log_every = 1000  # steps per input-vs-reconstruction grid in TensorBoard; 0 = never
+  c.train.image_log_count = 8  # images in that grid
+  c.train.nan_policy = 'stop'  # non-finite loss: 'stop' (last good checkpoint kept) or 'skip' the update
+  c.train.peak_flops = 0.0  # peak FLOP/s of ALL devices together, for MFU on the console; 0 = no MFU
+  c.train.distributed = ml_collections.ConfigDict()  # jax.distributed.initialize (several processes)
+  c.train.distributed.mode = 'auto'  # 'auto' (SLURM/MPI/JAX_* env or coordinator given), 'on', 'off'
+  c.train.distributed.coordinator_address = ''  # host:port of process 0; '' = detect from the cluster
+  c.train.distributed.num_processes = 0  # processes in the job; 0 = detect
+  c.train.distributed.process_id = -1  # this process's index; -1 = detect
+  c.train.distributed.initialization_timeout = 600  # seconds each process waits for the others
+  c.train.distributed.cpu_collectives = 'gloo'  # CPU cross-process collectives ('gloo' or 'mpi')
 
   c.gan = ml_collections.ConfigDict()  # stage 2: decoder vs PatchGAN, tokenizer frozen [P]; recipe [R LDM]
   c.gan.enabled = False  # True turns the run into the decoder GAN stage (configs/vtp_*_gan.py)

@@ -1,5 +1,8 @@
 """Checkpoint folders on disk (Orbax) and the config saved beside them.
 
+A training workdir (train/checkpointing.py) works wherever a folder does: `resolve` picks its latest
+complete step, whose `params` and `teacher` are read out of the saved train state.
+
 A parameter checkpoint is a folder holding `config.json` (the full ml_collections config) and Orbax
 PyTree items: `params` (plain nested dict) and, when present, `teacher` (the EMA encoder and DINO
 head). Restores always name the target shardings, so a checkpoint loads onto any mesh.
@@ -15,6 +18,11 @@ import orbax.checkpoint as ocp
 CONFIG_FILE = 'config.json'
 
 
+def config_to_dict(config) -> dict:
+  """The config as plain JSON types (what config.json holds)."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
 def save_config(path, config) -> None:
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
@@ -25,6 +33,11 @@ def load_config(path) -> ml_collections.ConfigDict:
   """The config saved in a checkpoint folder, over today's defaults (so new keys get defaults)."""
   from configs import base  # local: configs is a sibling package; keep import cost off the hot path
   file = pathlib.Path(path) / CONFIG_FILE
+  if not file.exists():  # a training workdir or step folder (train/checkpointing.py)
+    path = resolve(path)
+    file = path / CONFIG_FILE
+    if not file.exists():
+      file = path / 'config' / CONFIG_FILE
   if not file.exists():
     raise FileNotFoundError(f'{file} not found: {path} is not a vtp-jax checkpoint folder '
                             '(expected config.json beside the params).')
@@ -54,12 +67,23 @@ def save_params(path, config, params, teacher=None) -> None:
 
 
 def has_item(path, item: str) -> bool:
-  return (pathlib.Path(path) / item).exists()
+  from vtp_jax.train import checkpointing  # local: checkpointing imports this module
+  if (pathlib.Path(path) / item).exists():
+    return True
+  path = resolve(path)
+  if checkpointing.is_step_dir(path) and not (path / item).exists():
+    return item in checkpointing.state_fields(path)
+  return (path / item).exists()
 
 
 def load_item(path, item: str, target=None):
   """Restores one item. `target` is an abstract tree (ShapeDtypeStruct leaves with .sharding) that
   fixes the placement; without it, arrays land on the default device."""
+  from vtp_jax.train import checkpointing  # local: checkpointing imports this module
+  if not (pathlib.Path(path) / item).exists():  # a training workdir or step folder
+    path = resolve(path)
+    if checkpointing.is_step_dir(path) and not (path / item).exists():
+      return checkpointing.restore_subtree(path, item, target)  # a field of the saved train state
   path = pathlib.Path(path).absolute() / item
   if not path.exists():
     raise FileNotFoundError(f'{path} not found; the checkpoint has no {item!r} item.')
@@ -74,9 +98,13 @@ def load_item(path, item: str, target=None):
 
 def resolve(path) -> pathlib.Path:
   """A checkpoint folder itself, or the latest complete step folder under a training workdir."""
+  from vtp_jax.train import checkpointing  # local: checkpointing imports this module
   path = pathlib.Path(path)
-  if (path / CONFIG_FILE).exists():
+  if (path / CONFIG_FILE).exists() or checkpointing.is_step_dir(path):
     return path
+  latest = checkpointing.latest_step_dir(path)
+  if latest is not None:
+    return latest
   steps = []
   for root in (path, path / 'checkpoints'):
     if root.is_dir():

@@ -222,6 +222,18 @@ def frozen_inputs(config) -> dict:
   return {}
 
 
+def skip_nonfinite(old_state, new_state, metrics):
+  """`train.nan_policy='skip'`: where the loss or gradient norm is not finite, every field keeps
+  its old value except the step counter (so data and schedules move on); `update_skipped` says so.
+
+  A select inside the step rather than on host, because the state is donated: the host no longer
+  holds the old state once the step has run. The cost is one state-sized temporary in the step.
+  """
+  ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+  kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, old_state)
+  return kept.replace(step=new_state.step), {**metrics, 'update_skipped': 1 - ok.astype(jnp.int32)}
+
+
 def make_train_step(config, mesh, state_shardings, tx):
   """The jitted step `(state, batch, frozen) -> (state, metrics)`, state donated.
 
@@ -238,10 +250,13 @@ def make_train_step(config, mesh, state_shardings, tx):
   rules = sharding.rules_from_config(config)
   batch_shardings = batch_lib.batch_shardings(config, mesh)
 
+  skip = config.train.get('nan_policy', 'stop') == 'skip'
+
   @functools.wraps(step.__call__)
   def step_fn(state, batch, frozen):
     with nn.logical_axis_rules(rules):
-      return step(state, batch, frozen)
+      new_state, metrics = step(state, batch, frozen)
+    return skip_nonfinite(state, new_state, metrics) if skip else (new_state, metrics)
 
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)

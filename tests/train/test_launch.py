@@ -1,0 +1,119 @@
+"""launch/: two CPU processes joined by jax.distributed (gloo) train and checkpoint through
+launch/local_processes.sh, then one process resumes the run; main.py's exit codes; the recipes
+parse as shell."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from vtp_jax.train import checkpoint
+from vtp_jax.train import checkpointing
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+LAUNCH = REPO / 'launch'
+
+# conftest.micro_config as a config file (a subprocess must not import conftest: 8 devices), the
+# CLIP and reconstruction branches only (the SSL branch adds compile time, nothing to test here).
+# LLVM at -O0: compiles about twice as fast; the micro model's steps take milliseconds anyway.
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+MICRO_CONFIG = '''
+from configs import vtp_tiny
+
+def get_config():
+  c = vtp_tiny.get_config()
+  c.model.encoder.update(width=32, depth=2, heads=2)
+  c.model.decoder.update(width=32, depth=1, heads=2)
+  c.model.text.update(width=32, depth=1, heads=2, context_length=8)
+  c.model.clip_dim = 16
+  c.model.bottleneck_dim = 8
+  c.model.dino_head.update(hidden=32, bottleneck=16, prototypes=64)
+  c.data.update(image_size=32, batch_size=4, rec_batch_fraction=0.5, source='synthetic')
+  c.loss.update(ssl_weight=0.0, lpips_weight=0.0)
+  c.optim.update(warmup_steps=2, freeze_last_layer_steps=1)
+  c.train.update(steps=40, checkpoint_every=10, log_every=1, image_log_every=6, image_log_count=2)
+  return c
+'''
+
+
+@pytest.fixture(scope='module')
+def launch_env(tmp_path_factory):
+  base = tmp_path_factory.getbasetemp()
+  config_file = base / 'launch_micro.py'
+  config_file.write_text(MICRO_CONFIG)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO), PYTHON=sys.executable,
+             JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),  # shared with test_loop.py
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env['XLA_FLAGS'] = FAST_COMPILE  # local_processes.sh appends the device count
+  return config_file, env
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_and_checkpoint_then_one_process_resumes(launch_env, tmp_path):
+  config_file, env = launch_env
+  work = tmp_path / 'work'
+  two = subprocess.run(
+      [str(LAUNCH / 'local_processes.sh'), '2', f'--config={config_file}', f'--workdir={work}',
+       '--config.train.stop_after_steps=4'],
+      env=dict(env, PORT=str(_free_port())), capture_output=True, text=True, cwd=REPO,
+      timeout=900)
+  assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+  assert '[0] ' in two.stdout and '[1] ' in two.stdout
+  assert re.search(r'\[1\] .*Process 1 of 2; 1 local / 2 global devices', two.stdout)
+  assert re.search(r"Mesh \{'data': 2, 'fsdp': 1, 'tensor': 1\}", two.stdout)
+  step_dir = checkpointing.checkpoint_root(work) / '4'
+  assert checkpointing.latest_step_dir(work) == step_dir
+  # The Grain iterator state of each process is saved beside the (collectively written) state.
+  assert {p.name for p in (step_dir / 'data_iter').glob('process_*.json')} == {
+      'process_0-of-2.json', 'process_1-of-2.json'}
+  saved = jax.tree.map(np.asarray, checkpoint.load_item(step_dir, 'params'))
+
+  one = subprocess.run(
+      [sys.executable, str(LAUNCH / 'main.py'), f'--config={config_file}', f'--workdir={work}'],
+      env=dict(env, XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=1'),
+      capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert one.returncode == 0, one.stderr[-4000:]
+  assert re.search(r'Process 0 of 1; 1 local / 1 global devices', one.stderr)
+  assert re.search(r'Resumed from .*/checkpoints/4\.', one.stderr), one.stderr[-4000:]
+  assert 'no data-iterator state for 1 process' in one.stderr  # re-positioned, not restarted
+  assert checkpointing.latest_step_dir(work).name == '40'
+  final = jax.tree.map(np.asarray, checkpoint.load_item(work, 'params'))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(final))
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(saved),
+                                                       jax.tree.leaves(final)))
+  rows = [json.loads(r) for r in (work / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == list(range(1, 41))  # process 0 of the pair, then the single
+
+
+def test_main_exits_2_with_one_line_for_a_bad_config(launch_env, tmp_path):
+  config_file, env = launch_env
+  run = subprocess.run(
+      [sys.executable, str(LAUNCH / 'main.py'), f'--config={config_file}',
+       f'--workdir={tmp_path}', '--config.mesh.data=3'],
+      env=dict(env, XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=1'),
+      capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert run.returncode == 2
+  errors = [line for line in run.stderr.splitlines() if line.startswith('error: ')]
+  assert errors == ["error: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices but 1 are "
+                    "present; set mesh.data=-1 or fix the sizes."]
+
+
+@pytest.mark.parametrize('recipe', ['local_processes.sh', 'tpu_pod.sh', 'slurm_gpu.sbatch'])
+def test_recipes_are_valid_shell_and_show_usage(recipe):
+  subprocess.run(['bash', '-n', str(LAUNCH / recipe)], check=True)
+  if recipe.endswith('.sh'):  # without arguments they print their usage and exit 2
+    run = subprocess.run(['bash', str(LAUNCH / recipe)], capture_output=True, text=True)
+    assert run.returncode == 2 and 'usage:' in run.stderr

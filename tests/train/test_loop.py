@@ -1,0 +1,256 @@
+"""The training driver end to end: bad configs fail before compiling (in-process), and in
+subprocesses on one CPU device: SIGKILL (also right after an async save starts) and SIGTERM, then
+re-running the same command, ends bit-identical to an uninterrupted run; the NaN policies.
+
+Subprocesses share a persistent compilation cache, so only the first run of a program compiles.
+The driver runs the CLIP and reconstruction branches of a micro model (the SSL branch would only
+add compile time: the driver does not depend on which branches run).
+"""
+
+import json
+import os
+import pathlib
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import micro_config
+from vtp_jax.train import checkpoint
+from vtp_jax.train import checkpointing
+from vtp_jax.train import loop
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+# The micro model of conftest.micro_config, as a config file for launch/main.py (a subprocess
+# must not import conftest: it would force 8 devices).
+# LLVM at -O0: compiles about twice as fast; the micro model's steps take milliseconds anyway.
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+MICRO_CONFIG = '''
+from configs import vtp_tiny
+
+def get_config():
+  c = vtp_tiny.get_config()
+  c.model.encoder.update(width=32, depth=2, heads=2)
+  c.model.decoder.update(width=32, depth=1, heads=2)
+  c.model.text.update(width=32, depth=1, heads=2, context_length=8)
+  c.model.clip_dim = 16
+  c.model.bottleneck_dim = 8
+  c.model.dino_head.update(hidden=32, bottleneck=16, prototypes=64)
+  c.data.update(image_size=32, batch_size=4, rec_batch_fraction=0.5, source='synthetic')
+  c.loss.update(ssl_weight=0.0, lpips_weight=0.0)
+  c.optim.update(warmup_steps=2, freeze_last_layer_steps=1)
+  c.train.update(steps=40, checkpoint_every=10, log_every=1, image_log_every=6, image_log_count=2)
+  return c
+'''
+
+
+@pytest.fixture(scope='session')
+def driver_env(tmp_path_factory):
+  """(config file, environment) for driver subprocesses: 1 CPU device, a shared compile cache."""
+  base = tmp_path_factory.getbasetemp()
+  config_file = base / 'driver_micro.py'
+  config_file.write_text(MICRO_CONFIG)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
+             XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=1',
+             JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env.pop('VTP_TEST_KILL_AFTER_SAVE', None)
+  return config_file, env
+
+
+def _command(config_file, workdir):
+  return [sys.executable, str(REPO / 'launch' / 'main.py'), f'--config={config_file}',
+          f'--workdir={workdir}']
+
+
+def _start(config_file, workdir, env):
+  return subprocess.Popen(_command(config_file, workdir), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+def _wait_for(proc, pattern, timeout=300):
+  """Reads the process's output until a line matches; returns (match, text so far)."""
+  seen = []
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    if not line:
+      break
+    seen.append(line)
+    if m := re.search(pattern, line):
+      return m, ''.join(seen)
+  raise AssertionError(f'{pattern!r} never appeared; output:\n{"".join(seen)[-3000:]}')
+
+
+def _params(workdir):
+  return jax.tree.map(np.asarray, checkpoint.load_item(workdir, 'params'))
+
+
+def _latest(workdir):
+  latest = checkpointing.latest_step_dir(workdir)
+  return None if latest is None else int(latest.name)
+
+
+def test_sigkill_and_sigterm_then_rerun_is_bit_identical_to_an_uninterrupted_run(
+    driver_env, tmp_path):
+  config_file, env = driver_env
+  ref = subprocess.run(_command(config_file, tmp_path / 'ref'), env=env, capture_output=True,
+                       text=True, cwd=REPO)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  assert _latest(tmp_path / 'ref') == 40
+
+  work = tmp_path / 'interrupted'
+  # 1. SIGKILL right after the save of step 20 starts, its asynchronous write still in flight.
+  killed = subprocess.run(_command(config_file, work), capture_output=True, text=True, cwd=REPO,
+                          env=dict(env, VTP_TEST_KILL_AFTER_SAVE='20'))
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert _latest(work) in (10, 20)  # 20 only if its write happened to finish before the kill
+
+  # 2. SIGTERM mid-training: saves at the next step boundary and exits 0.
+  proc = _start(config_file, work, env)
+  _wait_for(proc, rf'Resumed from .*/{_latest(work)}\.')
+  _wait_for(proc, r'step (\d+)/40')
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  saved = int(re.search(r'Preempted: saved step (\d+)', out).group(1))
+  assert _latest(work) == saved
+
+  # 3. SIGKILL at a random moment of the resumed run (training or saving).
+  proc = _start(config_file, work, env)
+  _wait_for(proc, rf'Resumed from .*/{saved}\.')  # the SIGTERM save is where the next run starts
+  _wait_for(proc, r'step (\d+)/40')
+  delay = random.Random(os.getpid()).uniform(0.0, 0.6)
+  time.sleep(delay)
+  proc.kill()
+  proc.communicate()
+
+  # 4. The same command again finishes the run.
+  resume_from = _latest(work)
+  final = subprocess.run(_command(config_file, work), env=env, capture_output=True, text=True,
+                         cwd=REPO)
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert re.search(rf'Resumed from .*/{resume_from}\.', final.stderr), final.stderr[-3000:]
+  assert _latest(work) == 40
+  reference, resumed = _params(tmp_path / 'ref'), _params(work)
+  for path, a in jax.tree_util.tree_flatten_with_path(reference)[0]:
+    b = resumed
+    for key in path:
+      b = b[key.key]
+    np.testing.assert_array_equal(a, b, err_msg=f'{path} (last kill after {delay:.2f} s)')
+  # Metrics and the image grid went to the workdir; every step 1..12 logged at least once.
+  steps = {json.loads(line)['step'] for line in (work / 'metrics.jsonl').read_text().splitlines()}
+  assert steps == set(range(1, 41))
+  assert list((work / 'tensorboard').glob('events.out.tfevents.*'))
+
+
+NAN_SCRIPT = '''
+import json, sys
+sys.path[:0] = [{repo!r}, {config_dir!r}]
+import driver_micro
+from vtp_jax.data import synthetic
+from vtp_jax.train import loop
+
+clean = synthetic.global_batch
+
+def poisoned(config, index):
+  batch = clean(config, index)
+  if index == 4:  # consumed by step 5: out-of-vocabulary tokens embed as NaN (jnp.take fills)
+    batch['clip']['tokens'][:] = 10 ** 6
+  return batch
+
+synthetic.global_batch = poisoned
+out = {{}}
+c = driver_micro.get_config()
+c.train.update(steps=8, checkpoint_every=2, image_log_every=0)
+try:
+  loop.train_and_evaluate(c, {stop!r})
+  out['stop'] = 'finished'
+except loop.NonFiniteLoss as e:
+  out['stop'] = str(e)
+c.train.update(nan_policy='skip', checkpoint_every=1, keep_checkpoints=20)
+out['skip'] = loop.train_and_evaluate(c, {skip!r})
+print('RESULT ' + json.dumps(out))
+'''
+
+
+def test_nan_policies_stop_keeps_the_last_good_checkpoint_and_skip_drops_the_update(
+    driver_env, tmp_path):
+  config_file, env = driver_env
+  script = NAN_SCRIPT.format(repo=str(REPO), config_dir=str(config_file.parent),
+                             stop=str(tmp_path / 'stop'), skip=str(tmp_path / 'skip'))
+  run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                       cwd=REPO)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = json.loads(run.stdout.split('RESULT ', 1)[1])
+
+  assert re.search(r'Non-finite values at step 5 .*last good checkpoint is step 4', out['stop'])
+  assert _latest(tmp_path / 'stop') == 4  # nothing saved after the NaN
+  good = _params(tmp_path / 'stop')
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(good))
+
+  assert out['skip']['step'] == 8
+  by_step = {s: _params(checkpointing.checkpoint_root(tmp_path / 'skip') / str(s))
+             for s in (4, 5, 6)}
+  for a, b in zip(jax.tree.leaves(by_step[4]), jax.tree.leaves(by_step[5])):
+    np.testing.assert_array_equal(a, b)  # step 5's update was dropped
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(by_step[5]),
+                                                       jax.tree.leaves(by_step[6])))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(tmp_path / 'skip')))
+  rows = [json.loads(r) for r in (tmp_path / 'skip' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['skipped_updates'] for r in rows if r['step'] in (4, 5, 8)] == [0.0, 1.0, 1.0]
+
+
+# -- bad configs: one clear error each, before anything compiles -------------------------------
+
+def _bad(**changes):
+  c = micro_config()
+  c.data.update(source='synthetic', batch_size=64)  # valid on 8 devices: SSL 16, rec 8
+  c.optim.update(warmup_steps=2, freeze_last_layer_steps=1)
+  c.train.steps = 4
+  for key, value in changes.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'data.batch_size': 12}, r"data.batch_size = 12 does not divide over the 8 devices"),
+    ({'mesh.data': 3}, r"needs 3 devices but 8 are present"),
+    ({'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 3}, r"needs 12 devices but 8 are present"),
+    ({'data.source': 'tar:/nonexistent/shards-*.tar'}, r"no file matches '/nonexistent/shards"),
+    ({'data.source': 'arrayrecord:'}, r"names no path"),
+    ({'data.source': ''}, r"data.source is empty"),
+    ({'train.nan_policy': 'ignore'}, r"train.nan_policy='ignore'"),
+    ({'train.checkpoint_every': 0}, r"train.checkpoint_every=0 must be at least 1"),
+    ({'train.init_from': '/nonexistent/ckpt'}, r"train.init_from=/nonexistent/ckpt: .*no vtp-jax"),
+])
+def test_bad_config_fails_before_compiling_with_one_clear_line(changes, message, tmp_path,
+                                                               monkeypatch):
+  def must_not_run(*args, **kwargs):
+    raise AssertionError('compiled or initialised before the config was checked')
+
+  monkeypatch.setattr(loop, 'compile_step', must_not_run)
+  monkeypatch.setattr(loop.state_lib, 'create', must_not_run)
+  with pytest.raises(loop.ConfigError, match=message) as error:
+    loop.train_and_evaluate(_bad(**changes), tmp_path / 'work')
+  assert '\n' not in str(error.value)
+
+
+def test_empty_data_folder_is_a_config_error(tmp_path, monkeypatch):
+  (tmp_path / 'images').mkdir()
+  monkeypatch.setattr(loop.state_lib, 'create', lambda *a, **k: pytest.fail('initialised'))
+  with pytest.raises(loop.ConfigError, match='holds no files'):
+    loop.train_and_evaluate(_bad(**{'data.source': f'folder:{tmp_path / "images"}'}),
+                            tmp_path / 'work')

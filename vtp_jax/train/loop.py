@@ -1,0 +1,393 @@
+"""The training program: `train_and_evaluate(config, workdir)` (launch/main.py is a thin shell).
+
+In order: jax.distributed start-up when several processes run; config checks that fail before
+anything compiles (one clear line each); the mesh; the data iterator; the state (resumed from the
+workdir's latest complete checkpoint, else fresh, optionally over `train.init_from`); the step,
+compiled ahead of time so its memory use is logged before the first batch; then the loop with
+async checkpoints, metrics, image grids, the NaN policy, SIGTERM handling and the evals hook.
+"""
+
+import glob
+import os
+import pathlib
+import signal
+import time
+import types
+
+import jax
+import numpy as np
+from absl import logging
+
+from vtp_jax import batch as batch_lib
+from vtp_jax import sharding
+from vtp_jax.train import checkpoint as params_ckpt
+from vtp_jax.train import checkpointing
+from vtp_jax.train import flops as flops_lib
+from vtp_jax.train import metrics as metrics_lib
+from vtp_jax.train import state as state_lib
+from vtp_jax.train import step as step_lib
+
+
+class ConfigError(ValueError):
+  """A config that cannot run, found before compiling; the message is the one line users see."""
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss or gradient became NaN/Inf under `train.nan_policy='stop'`."""
+
+
+# -- start-up ------------------------------------------------------------------------------------
+
+def _cluster_env() -> bool:
+  """A multi-process launch jax.distributed can detect on its own (SLURM, Open MPI, JAX_* env)."""
+  env = os.environ
+  for key in ('SLURM_STEP_NUM_TASKS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'JAX_NUM_PROCESSES'):
+    if env.get(key, '').isdigit() and int(env[key]) > 1:
+      return key != 'SLURM_NTASKS' or 'SLURM_JOB_ID' in env
+  return bool(env.get('JAX_COORDINATOR_ADDRESS')) or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+
+
+def init_distributed(config) -> bool:
+  """Calls jax.distributed.initialize when this is one of several processes; True if it did.
+
+  'auto' starts it when the config names a coordinator / process count, or the environment is a
+  multi-process SLURM / MPI / TPU-pod launch; 'on' always (JAX then detects the cluster itself:
+  use it on TPU pods where the environment does not say); 'off' never.
+  """
+  d = config.train.distributed
+  if d.mode not in ('auto', 'on', 'off'):
+    raise ConfigError(f"train.distributed.mode={d.mode!r}; use 'auto', 'on' or 'off'.")
+  explicit = bool(d.coordinator_address) or int(d.num_processes) > 0 or int(d.process_id) >= 0
+  if d.mode == 'off' or (d.mode == 'auto' and not explicit and not _cluster_env()):
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  # Only the CPU client reads this; GPU/TPU collectives are NCCL/ICI whatever it says.
+  jax.config.update('jax_cpu_collectives_implementation', d.cpu_collectives)
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs['coordinator_address'] = d.coordinator_address
+  if int(d.num_processes) > 0:
+    kwargs['num_processes'] = int(d.num_processes)
+  if int(d.process_id) >= 0:
+    kwargs['process_id'] = int(d.process_id)
+  jax.distributed.initialize(initialization_timeout=int(d.initialization_timeout), **kwargs)
+  return True
+
+
+def _check_data_source(config) -> None:
+  source = str(config.data.get('source', ''))
+  if not source:
+    raise ConfigError('data.source is empty; set it (e.g. shapes, tfds:NAME, tar:GLOB, '
+                      'arrayrecord:GLOB, folder:PATH or synthetic).')
+  kind, _, rest = source.partition(':')
+  if kind in ('tar', 'arrayrecord', 'folder') and not rest:
+    raise ConfigError(f'data.source={source!r} names no path; write {kind}:PATH.')
+  if kind not in ('tar', 'arrayrecord', 'folder') or '://' in rest:
+    return  # TFDS / shapes / remote paths: the source itself reports what is missing
+  if kind == 'folder':
+    folder = pathlib.Path(rest)
+    if not folder.is_dir():
+      raise ConfigError(f'data.source={source!r}: folder {rest} does not exist.')
+    if not any(p.is_file() for p in folder.rglob('*')):
+      raise ConfigError(f'data.source={source!r}: folder {rest} holds no files.')
+  elif not glob.glob(rest):
+    raise ConfigError(f'data.source={source!r}: no file matches {rest!r}; check the path/glob.')
+
+
+def validate(config, n_devices: int, process_count: int) -> tuple:
+  """Every check that needs no compilation; returns the (data, fsdp, tensor) mesh shape."""
+  t = config.train
+  for key in ('steps', 'checkpoint_every', 'keep_checkpoints', 'log_every'):
+    if int(t[key]) < 1:
+      raise ConfigError(f'train.{key}={t[key]} must be at least 1.')
+  if t.nan_policy not in ('stop', 'skip'):
+    raise ConfigError(f"train.nan_policy={t.nan_policy!r}; use 'stop' or 'skip'.")
+  try:
+    shape = sharding.mesh_shape(config.mesh, n_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  fake_mesh = types.SimpleNamespace(shape=dict(zip(sharding.MESH_AXES, shape)))
+  try:
+    batch_lib.batch_shapes(config)
+    batch_lib.check_divisible(config, fake_mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  active = batch_lib.active_branches(config)
+  for branch, name, size in zip(('clip', 'ssl', 'rec'),
+                                ('data.batch_size', 'SSL sub-batch', 'rec sub-batch'),
+                                batch_lib.sub_batch_sizes(config)):
+    if branch in active and size % process_count:
+      raise ConfigError(f'{name} = {size} does not split over {process_count} processes.')
+  _check_data_source(config)
+  return shape
+
+
+def make_data_iterator(config, process_index: int, process_count: int, start_step: int = 0):
+  """Host-local batches: 'synthetic' here, every other source through the Grain pipeline.
+
+  `start_step` positions a fresh iterator when no saved iterator state fits this run (a resume
+  with another process count): synthetic data resumes exactly; the pipeline reshuffles with
+  data.seed + start_step as its epoch seed (a Grain state cannot be split over a new host count).
+  """
+  if config.data.get('source', '') == 'synthetic':
+    from vtp_jax.data import synthetic  # local: the real pipeline is not needed for it
+    return synthetic.make_iterator(config, process_index=process_index,
+                                   process_count=process_count, start_step=start_step)
+  from vtp_jax.data import pipeline  # local: heavy (TFDS, Grain workers); imported on use
+  epoch_seed = int(config.data.seed) + start_step if start_step else None
+  return pipeline.make_iterator(config, process_index=process_index, process_count=process_count,
+                                epoch_seed=epoch_seed)
+
+
+def _to_global(batch, config, mesh):
+  """Host-local batch -> global arrays (DATA-PIPE's `data.device.to_global`; until that module
+  exists, the same jax.make_array_from_process_local_data placement done here)."""
+  if not _has_device_module():
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_process_local_data(s, x),
+        batch, batch_lib.batch_shardings(config, mesh))
+  from vtp_jax.data import device  # local: DATA-PIPE's module
+  return device.to_global(batch, config, mesh)
+
+
+def _has_device_module() -> bool:
+  import importlib.util
+  return importlib.util.find_spec('vtp_jax.data.device') is not None
+
+
+def restore_target(config, mesh):
+  """(abstract state with shardings, shardings, optimizer): the target a restore fills in.
+
+  Built by initialising a fresh state and freeing it at once: state.create is the one place that
+  knows the state's structure and shardings (it sets a mesh, so it cannot run under eval_shape).
+  """
+  state, shardings, tx = state_lib.create(config, mesh)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
+  jax.tree.map(lambda x: x.delete(), state)  # free it before the restore allocates its copy
+  return target, shardings, tx
+
+
+def _abstract_batch(config, mesh):
+  shardings = batch_lib.batch_shardings(config, mesh)
+  return {branch: {field: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[branch][field])
+                   for field, (shape, dtype) in fields.items()}
+          for branch, fields in batch_lib.batch_shapes(config).items()}
+
+
+def compile_step(step_fn, state, config, mesh, frozen):
+  """The step compiled ahead of time (so memory is known before the first batch is read)."""
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = step_fn.jitted.lower(state, _abstract_batch(config, mesh), frozen).compile()
+  logging.info('Compiled the train step in %.1f s.', time.perf_counter() - t0)
+  try:
+    m = compiled.memory_analysis()
+    if m is not None:
+      logging.info('Step memory per device: arguments %.1f MiB, outputs %.1f MiB (aliased %.1f), '
+                   'temporaries %.1f MiB, code %.1f MiB.', *(x / 2**20 for x in (
+                       m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                       m.temp_size_in_bytes, m.generated_code_size_in_bytes)))
+  except (AttributeError, NotImplementedError):  # some backends have no memory analysis
+    pass
+  return compiled
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+def _first_bad(pending) -> tuple | None:
+  """(step, values) of the first step whose loss / grad norm / param norm is not finite."""
+  if not pending:
+    return None
+  values = jax.device_get([v for _, v in pending])
+  for (step, _), vals in zip(pending, values):
+    if not all(np.isfinite(np.asarray(x)).all() for k, x in vals.items()
+               if k != 'update_skipped'):
+      return step, {k: float(np.asarray(x)) for k, x in vals.items()}
+  return None
+
+
+def _guards(metrics: dict) -> dict:
+  return {k: metrics[k] for k in ('loss', 'grad_norm', 'param_norm', 'update_skipped')
+          if k in metrics}
+
+
+def _default_evaluate(config, step_dir, step):
+  """The evals hook: runs `config.evals` on the checkpoint just saved (wired by the eval module)."""
+  from vtp_jax import eval as eval_lib  # local: evals pull in datasets and extra weights
+  return eval_lib.run_evals(config, step_dir)
+
+
+def _evals_due(config, step: int, final: bool) -> bool:
+  e = config.get('evals')
+  if not e or not e.get('tasks'):
+    return False
+  every = int(e.get('every_steps', 0) or 0)
+  return bool((every and step % every == 0) or (final and e.get('at_end', False)))
+
+
+def train_and_evaluate(config, workdir, evaluate=None) -> dict:
+  """Trains to `train.steps` (or until SIGTERM), checkpointing into `workdir`; returns a summary.
+
+  Raises ConfigError before compiling when the config cannot run, NonFiniteLoss when the loss
+  diverges under nan_policy='stop' (the last good checkpoint stays the newest one).
+  """
+  init_distributed(config)
+  workdir = pathlib.Path(workdir)
+  pi, pc = jax.process_index(), jax.process_count()
+  logging.info('Process %d of %d; %d local / %d global devices (%s); workdir %s.', pi, pc,
+               jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind, workdir)
+  validate(config, jax.device_count(), pc)
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info('Mesh %s.', dict(mesh.shape))
+  t = config.train
+  ckpts = checkpointing.Checkpoints(workdir, int(t.keep_checkpoints))
+  latest = ckpts.latest_step()
+  if latest is None and t.init_from:
+    try:
+      params_ckpt.resolve(t.init_from)
+    except FileNotFoundError as e:
+      raise ConfigError(f'train.init_from={t.init_from}: {e}') from None
+  data_iter = make_data_iterator(config, pi, pc)
+
+  if latest is not None:
+    target, shardings, tx = restore_target(config, mesh)
+    fits = ckpts.data_state_saved_here(latest)
+    state = ckpts.restore(latest, target, data_iter if fits else None)
+    if not fits:
+      logging.warning('Checkpoint %d holds no data-iterator state for %d process(es): the data '
+                      'restarts from a fresh iterator positioned at step %d.', latest, pc, latest)
+      data_iter = make_data_iterator(config, pi, pc, start_step=latest)
+    logging.info('Resumed from %s/%d.', ckpts.root, latest)
+  else:
+    state, shardings, tx = state_lib.create(config, mesh)
+    if t.init_from:
+      state = checkpointing.init_from(t.init_from, state, shardings, config)
+  start = int(jax.device_get(state.step))
+  if start >= int(t.steps):
+    logging.info('Step %d already reached train.steps=%d: nothing to do.', start, int(t.steps))
+    ckpts.close()
+    return {'start_step': start, 'step': start, 'preempted': False, 'last_checkpoint': latest}
+  if pi == 0:
+    from clu import parameter_overview  # local: start-up only
+    logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params),
+        include_stats=False))
+
+  step_fn = step_lib.make_train_step(config, mesh, shardings, tx)
+  frozen = jax.device_put(step_lib.frozen_inputs(config), sharding.replicated(mesh))
+  compiled = compile_step(step_fn, state, config, mesh, frozen)
+
+  preemption = checkpointing.Preemption()
+  acc, skips = metrics_lib.Accumulator(), metrics_lib.SkipCounter()
+  writer = metrics_lib.Writer(workdir, enabled=pi == 0)
+  step_flops = flops_lib.step_flops(config)['total']
+  reconstruct = grid_images = None
+  total, step, last_saved = int(t.steps), start, latest
+  # This invocation may stop early (train.stop_after_steps, e.g. a job time limit); it saves there.
+  end = min(total, start + int(t.stop_after_steps)) if int(t.stop_after_steps) > 0 else total
+  pending, skipped_updates = [], 0
+  kill_after = checkpointing.kill_switch_for_tests()
+  evaluate = evaluate or _default_evaluate
+  summary = {'start_step': start, 'preempted': False}
+  window_start, window_step = time.perf_counter(), step
+
+  def drain():
+    """Checks the steps since the last check: stop on a non-finite one, or count skipped ones."""
+    nonlocal skipped_updates
+    # 'skip' needs a step that reports `update_skipped` (step.skip_nonfinite); otherwise stop.
+    if t.nan_policy == 'stop' or not all('update_skipped' in v for _, v in pending):
+      bad = _first_bad(pending)
+      if bad:
+        raise NonFiniteLoss(_nan_message(bad, last_saved, ckpts.root))
+    else:
+      skipped_updates += _count_skipped(pending)
+    pending.clear()
+
+  def save(at):
+    nonlocal last_saved
+    drain()  # never save a state that saw a non-finite step
+    t0 = time.perf_counter()
+    ckpts.save(at, state, data_iter, config)
+    logging.info('Checkpoint %d started (%.2f s blocking).', at, time.perf_counter() - t0)
+    last_saved = at
+    if kill_after == at:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  try:
+    while step < end:
+      if preemption.reached(step):
+        if last_saved != step:
+          save(step)
+        logging.warning('Preempted: saved step %d; exiting so the next run resumes there.', step)
+        summary['preempted'] = True
+        break
+      batch = next(data_iter)
+      skips.add(batch.pop('skipped', None))
+      batch.pop('labels', None)
+      if t.image_log_every and grid_images is None:
+        grid_images = metrics_lib.grid_source(batch, int(t.image_log_count))
+        if pc > 1:  # every process must feed the same images to the (collective) reconstruction
+          from jax.experimental import multihost_utils
+          grid_images = np.asarray(multihost_utils.broadcast_one_to_all(grid_images))
+      state, metrics = compiled(state, _to_global(batch, config, mesh), frozen)
+      step += 1
+      acc.update(metrics)
+      pending.append((step, _guards(metrics)))
+
+      if step % int(t.log_every) == 0 or step == end:
+        drain()
+        values = acc.compute()
+        elapsed = time.perf_counter() - window_start
+        values.update(metrics_lib.throughput(step - window_step, elapsed, config.data.batch_size,
+                                             step_flops, float(t.peak_flops)))
+        values.update(skips.global_totals())
+        if t.nan_policy == 'skip':
+          values['skipped_updates'] = float(skipped_updates)
+        writer.scalars(step, values)
+        metrics_lib.log_line(metrics_lib.progress_line(step, total, values))
+        window_start, window_step = time.perf_counter(), step
+
+      if t.image_log_every and step % int(t.image_log_every) == 0:
+        reconstruct = reconstruct or metrics_lib.make_reconstruct(config, mesh)
+        writer.image(step, 'reconstruction', metrics_lib.image_grid(
+            grid_images, reconstruct(state.params, grid_images)))
+
+      final = step == total
+      if (step % int(t.checkpoint_every) == 0 or step == end or
+          _evals_due(config, step, final)):
+        save(step)
+      if _evals_due(config, step, final):
+        ckpts.wait()
+        results = evaluate(config, ckpts.root / str(step), step) or {}
+        writer.scalars(step, {f'eval/{k}': v for k, v in results.items()
+                              if isinstance(v, (int, float))})
+    summary['step'] = step
+    summary['last_checkpoint'] = last_saved
+    return summary
+  finally:
+    preemption.restore_handler()
+    ckpts.close()
+    writer.close()
+
+
+def _count_skipped(pending) -> int:
+  flags = [v['update_skipped'] for _, v in pending if 'update_skipped' in v]
+  if not flags:
+    return 0
+  values = np.asarray(jax.device_get(flags))
+  for (step, v), flag in zip([p for p in pending if 'update_skipped' in p[1]], values):
+    if flag:
+      logging.warning('Step %d: non-finite loss or gradient; update skipped (nan_policy=skip).',
+                      step)
+  return int(values.sum())
+
+
+def _nan_message(bad, last_saved, root) -> str:
+  step, values = bad
+  shown = ', '.join(f'{k}={v}' for k, v in values.items())
+  kept = (f'the last good checkpoint is step {last_saved} in {root}' if last_saved is not None
+          else 'no checkpoint was saved yet')
+  return (f'Non-finite values at step {step} ({shown}); stopping (train.nan_policy=stop): {kept}. '
+          'Lower optim.lr or set train.nan_policy=skip.')
