@@ -224,6 +224,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.evals = ml_collections.ConfigDict()  # evaluations (vtp_jax/eval), in training and standalone
   c.evals.every_steps = 0  # run evals.tasks every N training steps; 0 = never during training
+  c.evals.at_end = False  # also run evals.tasks after the last training step
   c.evals.tasks = 'zero_shot,linear_probe,reconstruction'  # comma list run by eval.run_evals
   c.evals.dataset = 'tfds:imagenet2012:validation'  # what is measured (spec 4.1: ImageNet val) [C]
   c.evals.train_dataset = 'tfds:imagenet2012:train'  # where the linear probe is fitted [C]

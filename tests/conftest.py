@@ -48,5 +48,6 @@ def micro_config(**precision):
   config.model.bottleneck_dim = 8
   config.model.dino_head.update(hidden=32, bottleneck=16, prototypes=64)
   config.data.image_size = 32
+  config.evals.at_end = False  # vtp_tiny's README-demo evals read vtp_shapes
   config.precision.update(precision)
   return config

@@ -31,6 +31,7 @@ from vtp_jax import sharding
 from vtp_jax.models import discriminator as disc_lib
 from vtp_jax.models import vtp
 from vtp_jax.train import state as state_lib
+from vtp_jax.train import step as step_lib
 
 _LOSSES = {'hinge': (losses.hinge_d_loss, losses.hinge_g_loss),
            'non_saturating': (losses.non_saturating_d_loss, losses.non_saturating_g_loss)}
@@ -185,10 +186,13 @@ def make_gan_step(config, mesh, state_shardings, tx, frozen_shardings):
   rules = sharding.rules_from_config(config)
   replicated = sharding.replicated(mesh)
 
+  skip = config.train.nan_policy == 'skip'
+
   @functools.wraps(step.__call__)
   def step_fn(state, batch, frozen):
     with nn.logical_axis_rules(rules):
-      return step(state, batch, frozen)
+      new_state, metrics = step(state, batch, frozen)
+    return step_lib.skip_nonfinite(state, new_state, metrics) if skip else (new_state, metrics)
 
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_lib.batch_shardings(config, mesh),
                                           frozen_shardings),

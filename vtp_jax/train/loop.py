@@ -8,6 +8,7 @@ async checkpoints, metrics, image grids, the NaN policy, SIGTERM handling and th
 """
 
 import glob
+import json
 import os
 import pathlib
 import signal
@@ -214,9 +215,13 @@ def _guards(metrics: dict) -> dict:
 
 
 def _default_evaluate(config, step_dir, step):
-  """The evals hook: runs `config.evals` on the checkpoint just saved (wired by the eval module)."""
+  """The evals hook: runs `config.evals` on the checkpoint just saved and prints the results."""
   from vtp_jax import eval as eval_lib  # local: evals pull in datasets and extra weights
-  return eval_lib.run_evals(config, step_dir)
+  from vtp_jax import inference
+  results = eval_lib.run_evals(inference.Tokenizer.load(step_dir), config)
+  if jax.process_index() == 0:
+    print(json.dumps({'eval_step': step, **results}, sort_keys=True), flush=True)
+  return results
 
 
 def _evals_due(config, step: int, final: bool) -> bool:
