@@ -13,35 +13,13 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE, MICRO_CONFIG
 from vtp_jax.train import checkpoint
 from vtp_jax.train import checkpointing
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH = REPO / 'launch'
 
-# conftest.micro_config as a config file (a subprocess must not import conftest: 8 devices), the
-# CLIP and reconstruction branches only (the SSL branch adds compile time, nothing to test here).
-# LLVM at -O0: compiles about twice as fast; the micro model's steps take milliseconds anyway.
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-
-MICRO_CONFIG = '''
-from configs import vtp_tiny
-
-def get_config():
-  c = vtp_tiny.get_config()
-  c.model.encoder.update(width=32, depth=2, heads=2)
-  c.model.decoder.update(width=32, depth=1, heads=2)
-  c.model.text.update(width=32, depth=1, heads=2, context_length=8)
-  c.model.clip_dim = 16
-  c.model.bottleneck_dim = 8
-  c.model.dino_head.update(hidden=32, bottleneck=16, prototypes=64)
-  c.data.update(image_size=32, batch_size=4, rec_batch_fraction=0.5, source='synthetic')
-  c.loss.update(ssl_weight=0.0, lpips_weight=0.0)
-  c.optim.update(warmup_steps=2, freeze_last_layer_steps=1)
-  c.train.update(steps=40, checkpoint_every=10, log_every=1, image_log_every=6, image_log_count=2)
-  c.evals.at_end = False  # the demo's evals are not part of these runs
-  return c
-'''
 
 
 @pytest.fixture(scope='module')

@@ -16,8 +16,6 @@ State: the same TrainState as stage 1. `params` holds the whole model (stage-1 w
 (no SSL here); `disc` is {'params', 'opt_state'} of the discriminator.
 """
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,7 +29,6 @@ from vtp_jax import sharding
 from vtp_jax.models import discriminator as disc_lib
 from vtp_jax.models import vtp
 from vtp_jax.train import state as state_lib
-from vtp_jax.train import step as step_lib
 
 _LOSSES = {'hinge': (losses.hinge_d_loss, losses.hinge_g_loss),
            'non_saturating': (losses.non_saturating_d_loss, losses.non_saturating_g_loss)}
@@ -177,31 +174,3 @@ class GanStep:
     new_state = state.replace(step=state.step + 1, params={**params, 'decoder': decoder},
                               opt_state=opt_state, disc=new_disc)
     return new_state, metrics
-
-
-def make_gan_step(config, mesh, state_shardings, tx, frozen_shardings):
-  """The jitted stage-2 step with the same calling convention as `step.make_train_step`."""
-  batch_lib.check_divisible(config, mesh)
-  step = GanStep(config, tx)
-  rules = sharding.rules_from_config(config)
-  replicated = sharding.replicated(mesh)
-
-  skip = config.train.nan_policy == 'skip'
-
-  @functools.wraps(step.__call__)
-  def step_fn(state, batch, frozen):
-    with nn.logical_axis_rules(rules):
-      new_state, metrics = step(state, batch, frozen)
-    return step_lib.skip_nonfinite(state, new_state, metrics) if skip else (new_state, metrics)
-
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_lib.batch_shardings(config, mesh),
-                                          frozen_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
-
-  def run(state, batch, frozen):
-    with jax.set_mesh(mesh):
-      return jitted(state, batch, frozen)
-
-  run.jitted = jitted
-  run.step = step
-  return run

@@ -240,16 +240,22 @@ def make_train_step(config, mesh, state_shardings, tx):
   Shardings are explicit on every input and output; metrics come back replicated. With
   `config.gan.enabled` this is the decoder GAN stage's step (`train/gan_stage.py`).
   """
-  replicated = sharding.replicated(mesh)
-  frozen_shardings = jax.tree.map(lambda _: replicated, frozen_inputs_abstract(config))
+  batch_lib.check_divisible(config, mesh)
   if config.gan.enabled:
     from vtp_jax.train import gan_stage  # local: gan_stage imports this package's state module
-    return gan_stage.make_gan_step(config, mesh, state_shardings, tx, frozen_shardings)
-  batch_lib.check_divisible(config, mesh)
-  step = _Step(config, tx)
-  rules = sharding.rules_from_config(config)
-  batch_shardings = batch_lib.batch_shardings(config, mesh)
+    step = gan_stage.GanStep(config, tx)
+  else:
+    step = _Step(config, tx)
+  return jit_step(step, config, mesh, state_shardings)
 
+
+def jit_step(step, config, mesh, state_shardings):
+  """Jits `step(state, batch, frozen)` under the logical-axis rules with explicit shardings, the
+  state donated and, under `train.nan_policy='skip'`, non-finite updates dropped in the step."""
+  rules = sharding.rules_from_config(config)
+  replicated = sharding.replicated(mesh)
+  frozen_shardings = jax.tree.map(lambda _: replicated, frozen_inputs_abstract(config))
+  batch_shardings = batch_lib.batch_shardings(config, mesh)
   skip = config.train.get('nan_policy', 'stop') == 'skip'
 
   @functools.wraps(step.__call__)
