@@ -22,6 +22,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vtp_jax.tools import reference_format
+
 _BN_FIELDS = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
 _IGNORED_PREFIXES = ('fc.', 'AuxLogits.')
 
@@ -54,17 +56,6 @@ def flax_name(torch_key: str) -> str | None:
   return '?' + torch_key  # not a name this network has
 
 
-def _nest(flat: dict) -> dict:
-  tree = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
 def _check(flat: dict, source: str) -> None:
   from vtp_jax.eval import fid  # local: keeps `--help` free of jax start-up
   want = fid.param_shapes()
@@ -94,7 +85,7 @@ def torch_to_flax(state: dict, source: str = 'state dict') -> dict:
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     flat[name] = value
   _check(flat, source)
-  return _nest(flat)
+  return reference_format.unflatten(flat)
 
 
 def load_any(path) -> dict:
@@ -103,7 +94,7 @@ def load_any(path) -> dict:
   if any('/' in k for k in arrays):
     flat = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
     _check(flat, os.fspath(path))
-    return _nest(flat)
+    return reference_format.unflatten(flat)
   return torch_to_flax(arrays, os.fspath(path))
 
 
