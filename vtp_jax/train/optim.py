@@ -13,6 +13,10 @@ Config keys read (c.optim.*; reference defaults are DINOv2's [R], VTP's values a
   weight_decay, weight_decay_end, layer_decay, patch_embed_lr_mult, clip_grad_norm, clip_grad_scope,
   freeze_last_layer_steps (momentum, momentum_end are read by schedules.momentum_schedule).
 
+Modules that no enabled loss branch reads (the text tower when loss.clip_weight = 0, say) are idle:
+they get no update and no optimizer state, as torch's AdamW skips parameters whose grad is None
+(weight decay included), and the step spends no time on them.
+
 Parameter trees are plain nested dicts in either layer layout: scanned ('blocks' leaves carry a
 leading depth axis) or unscanned ('blocks_0', 'blocks_1', ...), as c.precision.scan_layers says.
 """
@@ -202,6 +206,34 @@ def _freeze_for(steps: int, params) -> optax.GradientTransformation:
   return optax.masked(optax.scale_by_schedule(gate), last_layer_mask(params))
 
 
+# The top-level modules each loss branch reads (vtp_jax/train/step.py).
+BRANCH_MODULES = {'clip': ('encoder', 'text', 'clip'), 'ssl': ('encoder', 'dino_head'),
+                  'rec': ('encoder', 'decoder')}
+
+
+def idle_modules(branches, params_shape) -> tuple[str, ...]:
+  """Top-level modules of `params_shape` that none of the active `branches` reads."""
+  used = {m for b in branches for m in BRANCH_MODULES[b]}
+  return tuple(sorted(k for k in params_shape if k not in used))
+
+
+def _only_modules(active: tuple[str, ...], inner) -> optax.GradientTransformation:
+  """`inner` on the `active` top-level modules; every other module gets a zero update and keeps no
+  optimizer state (XLA folds the `p + 0` away, so idle parameters cost nothing per step)."""
+  def pick(tree):
+    return None if tree is None else {k: tree[k] for k in active}
+
+  def init(params):
+    return inner.init(pick(params))
+
+  def update(updates, state, params=None):
+    new, state = inner.update(pick(updates), state, pick(params))
+    return {k: new[k] if k in new else jax.tree.map(jnp.zeros_like, u)
+            for k, u in updates.items()}, state
+
+  return optax.GradientTransformation(init, update)
+
+
 def _in_range(name: str, value: float, lo: float, hi: float, *, lo_open=False, hi_open=False,
               hint: str = '') -> float:
   bad_lo = value <= lo if lo_open else value < lo
@@ -213,8 +245,8 @@ def _in_range(name: str, value: float, lo: float, hi: float, *, lo_open=False, h
 
 
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, params_shape, scan_layers: bool,
-                   encoder_depth: int, *, total_steps: int,
-                   global_batch: int) -> optax.GradientTransformation:
+                   encoder_depth: int, *, total_steps: int, global_batch: int,
+                   idle: tuple[str, ...] = ()) -> optax.GradientTransformation:
   """AdamW with scheduled lr and decoupled weight decay, DINOv2 parameter groups and clipping.
 
   Args:
@@ -224,6 +256,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, params_shape, scan_laye
     encoder_depth: c.model.encoder.depth, for layer-wise lr decay.
     total_steps: c.train.steps, the end of the cosine schedules.
     global_batch: images per optimizer step, for the lr scaling rule.
+    idle: top-level modules left untouched (`idle_modules`): no update, no optimizer state.
   """
   def get(key):
     return schedules.cfg_value(optim_cfg, key)
@@ -244,6 +277,11 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, params_shape, scan_laye
   if freeze < 0:
     raise ValueError(f'c.optim.freeze_last_layer_steps={freeze} must be >= 0 (0 disables freezing).')
 
+  active = tuple(k for k in params_shape if k not in idle)
+  if not active:
+    raise ValueError(f'every module is idle ({sorted(idle)}): nothing to optimise.')
+  if idle:
+    params_shape = {k: params_shape[k] for k in active}
   lr = schedules.lr_schedule(optim_cfg, total_steps, global_batch)
   wd = schedules.weight_decay_schedule(optim_cfg, total_steps)
   if float(get('weight_decay')) == 0.0 and float(get('weight_decay_end')) == 0.0:
@@ -251,7 +289,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, params_shape, scan_laye
   multipliers = lr_multipliers(params_shape, scan_layers=scan_layers, encoder_depth=encoder_depth,
                                layer_decay=layer_decay, patch_embed_lr_mult=patch_mult)
 
-  return optax.chain(
+  tx = optax.chain(
       gradient_clipping(float(get('clip_grad_norm')), params_shape, get('clip_grad_scope')),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
       # Before the lr scaling so that the lr (and its multipliers) scale the decay, as torch AdamW.
@@ -260,3 +298,4 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, params_shape, scan_laye
       optax.scale_by_learning_rate(lr),
       _freeze_for(freeze, params_shape),
   )
+  return _only_modules(active, tx) if idle else tx

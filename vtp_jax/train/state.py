@@ -2,7 +2,8 @@
 
 TrainState(step, params, opt_state, teacher, loss_state, rng, disc):
   params      {'encoder', 'decoder', 'text', 'dino_head', 'clip'}: the student (float32)
-  opt_state   optax state; every leaf that mirrors a parameter takes that parameter's sharding
+  opt_state   optax state; every leaf that mirrors a parameter takes that parameter's sharding;
+              modules no enabled loss reads (the text tower of ae_baseline) have none (optim.py)
   teacher     EMA of {'encoder', 'dino_head'}, initialised as a copy of the student (DINOv2 does
               this; spec 1.9 leaves it open for VTP); same logical axes, so same shardings
   loss_state  {'dino_center': (1, K), 'ibot_center': (1, K)} under centering, {} under Sinkhorn
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vtp_jax import batch as batch_lib
 from vtp_jax import sharding
 from vtp_jax.models import vtp
 from vtp_jax.train import optim
@@ -42,7 +44,8 @@ def make_optimizer(config, params_shape):
   return optim.make_optimizer(
       config.optim, params_shape, scan_layers=config.precision.scan_layers,
       encoder_depth=config.model.encoder.depth, total_steps=config.train.steps,
-      global_batch=config.data.batch_size)
+      global_batch=config.data.batch_size,
+      idle=optim.idle_modules(batch_lib.active_branches(config), params_shape))
 
 
 def _init_inputs(config):

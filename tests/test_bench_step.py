@@ -1,0 +1,41 @@
+"""`python -m vtp_jax.bench.step` runs on 2 fake CPU devices and its JSON is self-consistent.
+
+No speed is asserted (speed is what the benchmark reports, not what a test can check); this checks
+that MFU is the analytic FLOPs over the median step over the peak it reports, and that the peak is
+the faster of the two all-device matmul timings it lists.
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+from conftest import FAST_COMPILE, MICRO_CONFIG
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_step_benchmark_prints_consistent_json_on_two_devices(tmp_path):
+  config_file = tmp_path / 'bench_micro.py'
+  config_file.write_text(MICRO_CONFIG)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
+             XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=2')
+  run = subprocess.run(
+      [sys.executable, '-m', 'vtp_jax.bench.step', f'--config={config_file}', '--steps=2',
+       '--matmul_size=256', '--config.mesh.data=2'],
+      env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert run.returncode == 0, run.stderr[-4000:]
+  report = json.loads(run.stdout)
+  assert report['devices'][1] == 2 and report['mesh'] == {'data': 2, 'fsdp': 1, 'tensor': 1}
+  assert report['config']['branches'] == ['clip', 'rec']
+  assert len(report['step_times_s']) == 2
+  peaks = [float(x) * 1e9 for x in
+           re.search(r'\[([^\]]*)\] GFLOP/s', report['peak_source']).group(1).split(',')]
+  assert len(peaks) == 2 and '2 devices at once' in report['peak_source']
+  assert abs(report['peak_flops_per_s'] - max(peaks)) <= 0.06e9  # the listed figures are rounded
+  flops = report['flops_analytic']
+  assert flops['total'] == flops['clip'] + flops['rec']
+  mfu = flops['total'] / report['step_time_s_median'] / report['peak_flops_per_s']
+  assert abs(report['mfu'] - mfu) <= 1e-9 * mfu
