@@ -53,6 +53,19 @@ def micro_config(**precision):
   return config
 
 
+def adamw_config(**overrides):
+  """A c.optim section for optimizer tests: plain AdamW at a constant lr, no decay, no groups, no
+  clipping; tests switch features on through `overrides`."""
+  import ml_collections
+  c = ml_collections.ConfigDict(dict(
+      optimizer='adamw', lr=1e-2, lr_scaling='none', lr_reference_batch=1024, warmup_steps=0,
+      schedule='constant', final_lr=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      weight_decay_end=0.0, layer_decay=1.0, patch_embed_lr_mult=1.0, clip_grad_norm=0.0,
+      clip_grad_scope='global', freeze_last_layer_steps=0, momentum=0.992, momentum_end=1.0))
+  c.update(overrides)
+  return c
+
+
 # micro_config as a config file for launch/main.py subprocesses (test_loop.py, test_launch.py):
 # a subprocess must not import this file, which forces 8 devices. CLIP and reconstruction only.
 # LLVM at -O0: compiles about twice as fast; the micro model's steps take milliseconds anyway.

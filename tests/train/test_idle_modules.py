@@ -9,22 +9,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from conftest import micro_config
+from conftest import adamw_config, micro_config
 from vtp_jax import batch as batch_lib
 from vtp_jax import sharding
 from vtp_jax.train import optim
 from vtp_jax.train import state as state_lib
 from vtp_jax.train import step as step_lib
-
-
-def _cfg(**kw):
-  c = ml_collections.ConfigDict(dict(
-      optimizer='adamw', lr=1e-2, lr_scaling='none', lr_reference_batch=1024, warmup_steps=0,
-      schedule='constant', final_lr=0.0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
-      weight_decay_end=0.1, layer_decay=1.0, patch_embed_lr_mult=1.0, clip_grad_norm=1.0,
-      clip_grad_scope='global', freeze_last_layer_steps=0, momentum=0.992, momentum_end=1.0))
-  c.update(kw)
-  return c
 
 
 def _numpy_adamw(params, grads_seq, lr, b1, b2, eps, wd, max_norm):
@@ -51,7 +41,7 @@ def test_idle_module_gets_no_update_and_no_state_and_active_ones_follow_adamw():
   params = {k: {'kernel': rng.normal(size=s).astype(np.float32)} for k, s in shapes.items()}
   grads_seq = [{k: {'kernel': rng.normal(size=s).astype(np.float32)} for k, s in shapes.items()}
                for _ in range(3)]
-  c = _cfg()
+  c = adamw_config(b2=0.99, weight_decay=0.1, weight_decay_end=0.1, clip_grad_norm=1.0)
   tx = optim.make_optimizer(c, params, True, 1, total_steps=10, global_batch=1024, idle=('text',))
   state = tx.init(params)
   n_state = sum(x.size for x in jax.tree.leaves(state))

@@ -8,11 +8,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from conftest import adamw_config
 from vtp_jax.train import optim
 
 D, H, DH = 8, 2, 4
@@ -77,15 +77,7 @@ def _path(path):
   return '/'.join(_names(path))
 
 
-def cfg(**overrides) -> ml_collections.ConfigDict:
-  """Plain AdamW at a constant lr, no decay, no groups, no clipping; tests switch features on."""
-  c = ml_collections.ConfigDict(dict(
-      optimizer='adamw', lr=1e-2, lr_scaling='none', lr_reference_batch=1024, warmup_steps=0,
-      schedule='constant', final_lr=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-      weight_decay_end=0.0, layer_decay=1.0, patch_embed_lr_mult=1.0, clip_grad_norm=0.0,
-      clip_grad_scope='global', freeze_last_layer_steps=0, momentum=0.992, momentum_end=1.0))
-  c.update(overrides)
-  return c
+cfg = adamw_config  # plain AdamW; each test switches its feature on
 
 
 # Compile time dominates these tests (the updates run in microseconds); XLA's cheapest CPU
