@@ -80,9 +80,9 @@ def test_reconstruction_only_step_leaves_text_clip_and_dino_head_bit_identical()
   state, shardings, tx = state_lib.create(config, mesh)
   before = jax.device_get(state.params)
   step = step_lib.make_train_step(config, mesh, shardings, tx)
-  batch = batch_lib.synthetic_batch(config)
+  batch, frozen = batch_lib.synthetic_batch(config), step_lib.frozen_inputs(config)
   for _ in range(3):
-    state, _ = step(state, batch, step_lib.frozen_inputs(config))
+    state, _ = step(state, batch, frozen)
   after = jax.device_get(state.params)
   for idle in ('text', 'clip', 'dino_head'):
     jax.tree.map(np.testing.assert_array_equal, after[idle], before[idle])

@@ -77,9 +77,6 @@ def _path(path):
   return '/'.join(_names(path))
 
 
-cfg = adamw_config  # plain AdamW; each test switches its feature on
-
-
 # Compile time dominates these tests (the updates run in microseconds); XLA's cheapest CPU
 # backend level halves it and cannot change the f32 arithmetic being checked.
 FAST = {'xla_backend_optimization_level': '0'}
@@ -125,7 +122,7 @@ def test_weight_decay_shrinks_exactly_the_matrix_weights_on_schedule(scanned):
   params = make_params(scanned)
   lr = 1e-2
   # total_steps=10: wd(0) = 0.04 and step 5 is the cosine midpoint, wd(5) = 0.22.
-  us, _ = run(cfg(weight_decay=0.04, weight_decay_end=0.4), params, [zeros_like(params)] * 6,
+  us, _ = run(adamw_config(weight_decay=0.04, weight_decay_end=0.4), params, [zeros_like(params)] * 6,
               scanned)
   decayed = set()
   for (path, p), du0, du5 in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(us[0]),
@@ -179,7 +176,7 @@ def test_lr_multipliers_match_dinov2(scanned):
   # b1 = b2 = 0 makes Adam's first step exactly g / (|g| + eps) = 1 for unit gradients (no
   # float32 bias-correction round-off), so update = -lr * mult * (1 + wd * p) on decayed leaves
   # (torch AdamW: the group lr scales the decay too) and -lr * mult elsewhere.
-  c = cfg(layer_decay=layer_decay, patch_embed_lr_mult=patch_mult, b1=0.0, b2=0.0,
+  c = adamw_config(layer_decay=layer_decay, patch_embed_lr_mult=patch_mult, b1=0.0, b2=0.0,
           weight_decay=wd, weight_decay_end=wd)
   (u,), _ = run(c, params, [ones_like(params)], scanned)
   seen_blocks = set()
@@ -228,9 +225,9 @@ def test_last_layer_frozen_then_released(flat_head):
   rng = np.random.default_rng(1)
   grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
            for _ in range(5)]
-  frozen, _ = run(cfg(weight_decay=0.04, weight_decay_end=0.4, freeze_last_layer_steps=3), params,
+  frozen, _ = run(adamw_config(weight_decay=0.04, weight_decay_end=0.4, freeze_last_layer_steps=3), params,
                   grads, scanned)
-  free, _ = run(cfg(weight_decay=0.04, weight_decay_end=0.4), params, grads, scanned)
+  free, _ = run(adamw_config(weight_decay=0.04, weight_decay_end=0.4), params, grads, scanned)
   for t in range(5):
     for leaf in ('v', 'g'):
       du = proto(frozen[t])[leaf]
@@ -284,7 +281,7 @@ def test_clipping_inside_the_optimizer():
   params = make_params(True, towers=('encoder', 'dino_head'))
   big = _scaled(params, 100.0)
   # Adam's first moment after one step is (1 - b1) * the clipped gradient.
-  _, state = run(cfg(clip_grad_norm=3.0), params, [big], True)
+  _, state = run(adamw_config(clip_grad_norm=3.0), params, [big], True)
   np.testing.assert_allclose(_norm(optax.tree_utils.tree_get(state, 'mu')), 0.3, rtol=1e-5)
   # 0 disables clipping.
   (out,) = _apply(optim.gradient_clipping(0.0, params), params, big)
@@ -344,24 +341,24 @@ def test_real_model_tree_is_fully_classified(scanned):
 @pytest.mark.parametrize('tree_scanned, flag', [(True, False), (False, True)])
 def test_layout_mismatch_raises(tree_scanned, flag):
   with pytest.raises(ValueError, match=f'scan_layers={flag}'):
-    run(cfg(), make_params(tree_scanned), [], flag)
+    run(adamw_config(), make_params(tree_scanned), [], flag)
 
 
 def test_unknown_leaf_and_extra_block_raise():
   params = make_params(True)
   params['encoder']['pos_embed'] = np.zeros((4, D), np.float32)  # no weight-decay rule names it
   with pytest.raises(ValueError, match='encoder/pos_embed'):
-    run(cfg(), params, [], True)
+    run(adamw_config(), params, [], True)
   params = make_params(False)
   params['encoder']['blocks_7'] = params['encoder']['blocks_0']
   with pytest.raises(ValueError, match='blocks_7'):
-    run(cfg(layer_decay=0.9), params, [], False)
+    run(adamw_config(layer_decay=0.9), params, [], False)
 
 
 def test_scanned_depth_mismatch_raises():
   params = make_params(True)
   with pytest.raises(ValueError, match='encoder.depth=5'):
-    optim.make_optimizer(cfg(), params, True, 5, total_steps=10, global_batch=1024)
+    optim.make_optimizer(adamw_config(), params, True, 5, total_steps=10, global_batch=1024)
 
 
 @pytest.mark.parametrize('overrides, match', [
@@ -376,14 +373,14 @@ def test_scanned_depth_mismatch_raises():
 ])
 def test_bad_config_raises(overrides, match):
   with pytest.raises(ValueError, match=match):
-    optim.make_optimizer(cfg(**overrides), make_params(True), True, ENC_DEPTH, total_steps=10,
+    optim.make_optimizer(adamw_config(**overrides), make_params(True), True, ENC_DEPTH, total_steps=10,
                          global_batch=1024)
 
 
 def test_dinov2_defaults_build_and_step():
   """The default recipe end to end: warm-up lr at step 1, finite updates on every leaf."""
   params = make_params(True, towers=('encoder', 'dino_head'))
-  c = cfg(lr=4e-3, lr_scaling='sqrt', warmup_steps=4, schedule='cosine', final_lr=1e-6,
+  c = adamw_config(lr=4e-3, lr_scaling='sqrt', warmup_steps=4, schedule='cosine', final_lr=1e-6,
           weight_decay=0.04, weight_decay_end=0.4, layer_decay=0.9, patch_embed_lr_mult=0.2,
           clip_grad_norm=3.0, freeze_last_layer_steps=1)
   us, _ = run(c, params, [ones_like(params)] * 2, True, total_steps=20)
