@@ -181,6 +181,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.stop_after_steps = 0  # end this invocation (saving) after N steps (job time limits); 0 = off
   c.train.init_from = ''  # params folder or training workdir to start from (partial); '' = fresh
   c.train.log_every = 50  # steps per console line / metrics.jsonl row / TensorBoard scalars
+  c.train.max_steps_ahead = 2  # dispatched steps the host may queue ahead of the device; 0 = unbounded
   c.train.image_log_every = 1000  # steps per input-vs-reconstruction grid in TensorBoard; 0 = never
   c.train.image_log_count = 8  # images in that grid
   c.train.nan_policy = 'stop'  # non-finite loss: 'stop' (last good checkpoint kept) or 'skip' the update

@@ -1,6 +1,7 @@
 """The training driver end to end: bad configs fail before compiling (in-process), and in
 subprocesses on one CPU device: SIGKILL (also right after an async save starts) and SIGTERM, then
-re-running the same command, ends bit-identical to an uninterrupted run; the NaN policies.
+re-running the same command, ends bit-identical to an uninterrupted run; the NaN policies; the
+bound on how far the host runs ahead of the device.
 
 Subprocesses share a persistent compilation cache, so only the first run of a program compiles.
 The driver runs the CLIP and reconstruction branches of a micro model (the SSL branch would only
@@ -187,6 +188,53 @@ def test_nan_policies_stop_keeps_the_last_good_checkpoint_and_skip_drops_the_upd
   assert [r['skipped_updates'] for r in rows if r['step'] in (4, 5, 8)] == [0.0, 1.0, 1.0]
 
 
+AHEAD_SCRIPT = '''
+import json, sys
+sys.path[:0] = [{repo!r}, {config_dir!r}]
+import driver_micro
+from vtp_jax.train import in_flight, loop
+
+events = []
+real_add, real_wait = in_flight.InFlight.add, in_flight.wait_for_device
+
+def traced_add(self, step, metrics):
+  events.append(('dispatched', step))
+  real_add(self, step, metrics)
+
+def traced_wait(step, guards):
+  real_wait(step, guards)
+  events.append(('finished', step))
+
+in_flight.InFlight.add, in_flight.wait_for_device = traced_add, traced_wait
+out = {{}}
+c = driver_micro.get_config()
+for ahead in (2, 0):
+  events.clear()
+  c.train.update(steps=8, log_every=100, checkpoint_every=100, image_log_every=0,
+                 max_steps_ahead=ahead)
+  loop.train_and_evaluate(c, {work!r} + str(ahead))
+  out[ahead] = list(events)
+print('RESULT ' + json.dumps(out))
+'''
+
+
+def test_the_host_waits_for_step_n_minus_k_after_dispatching_step_n(driver_env, tmp_path):
+  """With log_every and checkpoint_every beyond the run, only train.max_steps_ahead stops the host
+  from queueing every step (which delays a SIGTERM save by up to log_every steps)."""
+  config_file, env = driver_env
+  script = AHEAD_SCRIPT.format(repo=str(REPO), config_dir=str(config_file.parent),
+                               work=str(tmp_path / 'run'))
+  run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                       cwd=REPO)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = json.loads(run.stdout.split('RESULT ', 1)[1])
+  expected = [['dispatched', 1], ['dispatched', 2]]
+  for n in range(3, 9):  # after dispatching step n the host waits for step n - 2
+    expected += [['dispatched', n], ['finished', n - 2]]
+  assert out['2'] == expected
+  assert out['0'] == [['dispatched', n] for n in range(1, 9)]  # 0: unbounded, no waits
+
+
 # -- bad configs: one clear error each, before anything compiles -------------------------------
 
 def _bad(**changes):
@@ -212,6 +260,7 @@ def _bad(**changes):
     ({'data.source': ''}, r"data.source is empty"),
     ({'train.nan_policy': 'ignore'}, r"train.nan_policy='ignore'"),
     ({'train.checkpoint_every': 0}, r"train.checkpoint_every=0 must be at least 1"),
+    ({'train.max_steps_ahead': -1}, r"train.max_steps_ahead=-1 must be 0 \(unbounded\) or more"),
     ({'train.init_from': '/nonexistent/ckpt'}, r"train.init_from=/nonexistent/ckpt: .*no vtp-jax"),
 ])
 def test_bad_config_fails_before_compiling_with_one_clear_line(changes, message, tmp_path,

@@ -24,17 +24,16 @@ from vtp_jax import sharding
 from vtp_jax.train import checkpoint as params_ckpt
 from vtp_jax.train import checkpointing
 from vtp_jax.train import flops as flops_lib
+from vtp_jax.train import in_flight
 from vtp_jax.train import metrics as metrics_lib
 from vtp_jax.train import state as state_lib
 from vtp_jax.train import step as step_lib
+# Raised from the loop; callers (launch/main.py, tests) catch it as loop.NonFiniteLoss.
+from vtp_jax.train.in_flight import NonFiniteLoss  # noqa: F401
 
 
 class ConfigError(ValueError):
   """A config that cannot run, found before compiling; the message is the one line users see."""
-
-
-class NonFiniteLoss(RuntimeError):
-  """The loss or gradient became NaN/Inf under `train.nan_policy='stop'`."""
 
 
 # -- start-up ------------------------------------------------------------------------------------
@@ -102,6 +101,8 @@ def validate(config, n_devices: int, process_count: int) -> tuple:
   for key in ('steps', 'checkpoint_every', 'keep_checkpoints', 'log_every'):
     if int(t[key]) < 1:
       raise ConfigError(f'train.{key}={t[key]} must be at least 1.')
+  if int(t.max_steps_ahead) < 0:
+    raise ConfigError(f'train.max_steps_ahead={t.max_steps_ahead} must be 0 (unbounded) or more.')
   if t.nan_policy not in ('stop', 'skip'):
     raise ConfigError(f"train.nan_policy={t.nan_policy!r}; use 'stop' or 'skip'.")
   try:
@@ -197,23 +198,6 @@ def compile_step(step_fn, state, config, mesh, frozen):
 
 # -- the loop --------------------------------------------------------------------------------------
 
-def _first_bad(pending) -> tuple | None:
-  """(step, values) of the first step whose loss / grad norm / param norm is not finite."""
-  if not pending:
-    return None
-  values = jax.device_get([v for _, v in pending])
-  for (step, _), vals in zip(pending, values):
-    if not all(np.isfinite(np.asarray(x)).all() for k, x in vals.items()
-               if k != 'update_skipped'):
-      return step, {k: float(np.asarray(x)) for k, x in vals.items()}
-  return None
-
-
-def _guards(metrics: dict) -> dict:
-  return {k: metrics[k] for k in ('loss', 'grad_norm', 'param_norm', 'update_skipped')
-          if k in metrics}
-
-
 def _default_evaluate(config, step_dir, step):
   """The evals hook: runs `config.evals` on the checkpoint just saved and prints the results."""
   from vtp_jax import eval as eval_lib  # local: evals pull in datasets and extra weights
@@ -292,7 +276,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   total, step, last_saved = int(t.steps), start, latest
   # This invocation may stop early (train.stop_after_steps, e.g. a job time limit); it saves there.
   end = min(total, start + int(t.stop_after_steps)) if int(t.stop_after_steps) > 0 else total
-  pending, skipped_updates = [], 0
+  dispatched, skipped_updates = in_flight.InFlight(t.max_steps_ahead), 0
   kill_after = checkpointing.kill_switch_for_tests()
   evaluate = evaluate or _default_evaluate
   summary = {'start_step': start, 'preempted': False}
@@ -301,14 +285,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   def drain():
     """Checks the steps since the last check: stop on a non-finite one, or count skipped ones."""
     nonlocal skipped_updates
-    # 'skip' needs a step that reports `update_skipped` (step.skip_nonfinite); otherwise stop.
-    if t.nan_policy == 'stop' or not all('update_skipped' in v for _, v in pending):
-      bad = _first_bad(pending)
-      if bad:
-        raise NonFiniteLoss(_nan_message(bad, last_saved, ckpts.root))
-    else:
-      skipped_updates += _count_skipped(pending)
-    pending.clear()
+    skipped_updates += dispatched.check(t.nan_policy, last_saved, ckpts.root)
 
   def save(at):
     nonlocal last_saved
@@ -339,7 +316,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
       state, metrics = compiled(state, _to_global(batch, config, mesh), frozen)
       step += 1
       acc.update(metrics)
-      pending.append((step, _guards(metrics)))
+      dispatched.add(step, metrics)  # waits for step - max_steps_ahead
 
       if step % int(t.log_every) == 0 or step == end:
         drain()
@@ -376,23 +353,3 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
     ckpts.close()
     writer.close()
 
-
-def _count_skipped(pending) -> int:
-  flags = [v['update_skipped'] for _, v in pending if 'update_skipped' in v]
-  if not flags:
-    return 0
-  values = np.asarray(jax.device_get(flags))
-  for (step, v), flag in zip([p for p in pending if 'update_skipped' in p[1]], values):
-    if flag:
-      logging.warning('Step %d: non-finite loss or gradient; update skipped (nan_policy=skip).',
-                      step)
-  return int(values.sum())
-
-
-def _nan_message(bad, last_saved, root) -> str:
-  step, values = bad
-  shown = ', '.join(f'{k}={v}' for k, v in values.items())
-  kept = (f'the last good checkpoint is step {last_saved} in {root}' if last_saved is not None
-          else 'no checkpoint was saved yet')
-  return (f'Non-finite values at step {step} ({shown}); stopping (train.nan_policy=stop): {kept}. '
-          'Lower optim.lr or set train.nan_policy=skip.')
