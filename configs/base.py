@@ -240,6 +240,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.evals.probe_optimizer = 'sgd'  # 'sgd' (momentum 0.9, wd 0, cosine [C DINOv2]) or 'adamw'
   c.evals.probe_steps = 1000  # probe iterations (DINOv2: 12500 at batch 1024) [?]
   c.evals.probe_batch_size = 256  # probe mini-batch (DINOv2: 128/GPU x 8) [?]
+  c.evals.probe_factors = True  # vtp_shapes: also probe colour and shape, each alone [ours]
   c.evals.probe_select = 'eval'  # pick the lr on the eval set (DINOv2) or a 'holdout' 10% of train
   c.evals.fid_weights = ''  # converted FID InceptionV3 weights (docs/evaluation.md); '' skips rFID
   c.evals.seed = 0  # probe init and sampling, latent-stats subset

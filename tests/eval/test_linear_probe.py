@@ -1,5 +1,6 @@
 """Linear probes: a separable synthetic problem is learned, the lr grid selects the classifier NumPy
-scores best, holdout selection, and the DINOv2 feature layout on a micro random-init tokenizer."""
+scores best, holdout selection, per-factor probes on vtp_shapes labels, and the DINOv2 feature
+layout on a micro random-init tokenizer."""
 
 import flax.linen as nn
 import jax
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
+from vtp_jax.data import shapes
+from vtp_jax.eval import data as eval_data
 from vtp_jax.eval import linear_probe
 from vtp_jax.inference import Tokenizer
 from vtp_jax.models import vtp
@@ -44,6 +47,28 @@ def test_probe_learns_a_separable_problem_and_the_grid_picks_the_best():
   assert adam['top1'] >= 0.95
   with pytest.raises(ValueError, match='probe_select'):
     linear_probe.probe(train_x, train_y, eval_x, eval_y, LRS, select='test', **FIT)
+
+
+def test_factor_probes_report_a_feature_that_knows_colour_but_not_shape():
+  """vtp_shapes labels: features carry the colour (a blob per colour) and no shape at all, so the
+  colour probe is near 1, the shape probe near chance (1/6) and the 48-class probe near 1/6."""
+  rng = np.random.default_rng(0)
+  centres = np.random.default_rng(99).standard_normal((len(shapes.COLOURS), 16)) * 3.0
+
+  def features(n):
+    colour, shape = rng.integers(0, 8, n), rng.integers(0, 6, n)
+    names = shapes.class_names()
+    y = np.array([names.index(f'{shapes.COLOURS[c]} {shapes.SHAPES[s]}')
+                  for c, s in zip(colour, shape)])
+    return {'f': (centres[colour] + rng.standard_normal((n, 16))).astype(np.float32)}, y
+
+  (train_f, train_y), (eval_f, eval_y) = features(600), features(600)
+  got = linear_probe.probe_inputs(train_f, train_y, eval_f, eval_y, LRS,
+                                  eval_data.label_factors('shapes:validation'), **FIT)
+  assert got['f/colour_top1'] >= 0.95
+  assert got['f/shape_top1'] < 0.26 and got['f/top1'] < 0.26
+  assert 'f/colour_top1' not in linear_probe.probe_inputs(
+      train_f, train_y, eval_f, eval_y, LRS, eval_data.label_factors('tfds:mnist'), **FIT)
 
 
 def test_probe_features_follow_the_dinov2_layout_and_run_reports_them():

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
+from vtp_jax.data import shapes
+from vtp_jax.eval import data as eval_data
 from vtp_jax.eval import templates
 from vtp_jax.eval import zero_shot
 from vtp_jax.inference import Tokenizer
@@ -48,6 +50,25 @@ def test_topk_on_a_hand_built_case():
   assert got['examples'] == 3
   with pytest.raises(ValueError, match='class names'):
     zero_shot.evaluate(feats, np.array([0, 2, 9, -1]), classifier)
+
+
+def test_shapes_factor_accuracy_scores_colour_and_shape_of_the_top1_class():
+  names = shapes.class_names()
+  classifier = np.eye(len(names), dtype=np.float32)
+  cases = [('orange square', 'orange triangle'),  # colour right, shape wrong
+           ('red circle', 'orange circle'),       # shape right, colour wrong
+           ('blue star', 'blue star'),            # both right
+           ('pink heart', 'green cross'),         # neither
+           ('yellow cross', 'yellow heart')]      # colour right, shape wrong
+  labels = np.array([names.index(truth) for truth, _ in cases] + [-1])
+  feats = np.zeros((len(labels), len(names)), np.float32)
+  for row, (_, predicted) in enumerate(cases):
+    feats[row, names.index(predicted)] = 1.0
+  feats[-1, 0] = 1.0  # unlabelled: ignored
+  got = zero_shot.evaluate(feats, labels, classifier, eval_data.label_factors('shapes'))
+  assert got['top1'] == pytest.approx(1 / 5)
+  assert got['colour_top1'] == pytest.approx(3 / 5) and got['shape_top1'] == pytest.approx(2 / 5)
+  assert 'shape_top1' not in zero_shot.evaluate(feats, labels, classifier)
 
 
 def random_tokenizer(config, seed=0):

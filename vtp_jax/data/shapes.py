@@ -50,6 +50,18 @@ def class_names() -> list:
   return [f'{c} {s}' for c in COLOURS for s in SHAPES]
 
 
+def label_factors() -> dict:
+  """name -> (number of values, labels -> factor values) for the label's two factors, colour and
+  shape; an unlabelled -1 stays -1. Evaluations report each factor, so a model that knows colour
+  but not shape shows it."""
+  n = len(SHAPES)
+
+  def factor(fn):
+    return lambda labels: np.where(np.asarray(labels) >= 0, fn(np.asarray(labels)), -1)
+  return {'colour': (len(COLOURS), factor(lambda y: y // n)),
+          'shape': (n, factor(lambda y: y % n))}
+
+
 def _unit_area(points: np.ndarray) -> np.ndarray:
   """Centre a polygon on its centroid and scale it to area 1 (shoelace formula)."""
   x, y = points[:, 0], points[:, 1]

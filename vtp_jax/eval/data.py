@@ -174,6 +174,15 @@ def class_names(config, dataset_spec: str) -> list[str]:
                    'line, in label order) with --config.evals.class_names=FILE.')
 
 
+def label_factors(dataset_spec: str) -> dict:
+  """The class label's factors, name -> (values, labels -> factor labels): vtp_shapes' colour and
+  shape; empty for other datasets (their labels have no known factors)."""
+  if dataset_spec.split(':')[0] == 'shapes':
+    from vtp_jax.data import shapes
+    return shapes.label_factors()
+  return {}
+
+
 def readable_names(names: list[str]) -> list[str]:
   """TFDS label names -> prompt-ready names: ImageNet's 1000 WordNet ids -> OpenCLIP's names."""
   if len(names) == 1000 and all(n[:1] == 'n' and n[1:].isdigit() for n in names):

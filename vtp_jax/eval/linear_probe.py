@@ -162,7 +162,9 @@ def run(tokenizer, config, dataset_spec: str, train_dataset_spec: str | None = N
   """Linear-probe top-1 of every probe input, fitted on train_dataset_spec, measured on dataset_spec.
 
   `train_batches` / `eval_batches` (iterables of (uint8 images, labels)) replace the dataset reads.
-  Returns flat metrics '{input}/top1', '{input}/top5', '{input}/best_lr', '{input}/dims'.
+  Returns flat metrics '{input}/top1', '{input}/top5', '{input}/best_lr', '{input}/dims', and
+  with evals.probe_factors on a dataset whose labels have factors (vtp_shapes: colour, shape)
+  '{input}/{factor}_top1' from a separate probe fitted on that factor alone.
   """
   ev = config.evals
   n_blocks = common.parse_list(ev.probe_n_blocks, int, 'evals.probe_n_blocks')
@@ -180,11 +182,22 @@ def run(tokenizer, config, dataset_spec: str, train_dataset_spec: str | None = N
         config, dataset_spec, max_examples=ev.max_examples if max_examples is None else max_examples)
   train_feats, train_y = common.map_batches(fn, train_batches, ev.batch_size)
   eval_feats, eval_y = common.map_batches(fn, eval_batches, ev.batch_size)
+  factors = eval_data.label_factors(dataset_spec) if ev.probe_factors else {}
+  return probe_inputs(train_feats, train_y, eval_feats, eval_y, lrs, factors,
+                      select=ev.probe_select, optimizer=ev.probe_optimizer, steps=ev.probe_steps,
+                      batch_size=ev.probe_batch_size, seed=ev.seed)
+
+
+def probe_inputs(train_feats: dict, train_y, eval_feats: dict, eval_y, lrs, factors: dict,
+                 **fit_kwargs) -> dict:
+  """`probe` on every feature input (and on each label factor: a probe of its own), flat metrics."""
   metrics = {}
   for name in train_feats:
-    result = probe(train_feats[name], train_y, eval_feats[name], eval_y, lrs,
-                   select=ev.probe_select, optimizer=ev.probe_optimizer, steps=ev.probe_steps,
-                   batch_size=ev.probe_batch_size, seed=ev.seed)
+    result = probe(train_feats[name], train_y, eval_feats[name], eval_y, lrs, **fit_kwargs)
     for key in ('top1', 'top5', 'best_lr', 'dims'):
       metrics[f'{name}/{key}'] = result[key]
+    for factor, (values, of) in factors.items():
+      result = probe(train_feats[name], of(train_y), eval_feats[name], of(eval_y), lrs,
+                     num_classes=values, **fit_kwargs)
+      metrics[f'{name}/{factor}_top1'] = result['top1']
   return metrics

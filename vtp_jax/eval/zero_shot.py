@@ -3,7 +3,8 @@
 Each class name goes through every prompt template; the L2-normalised text embeddings of a class
 are averaged and the mean renormalised (the OpenAI/OpenCLIP classifier). Images (Resize((S, S)),
 no crop) give L2-normalised CLIP image embeddings; logits are `100 * image @ classes.T` with VTP's
-fixed 100, not the learned scale (it does not change top-k). Reports top-1 and top-5 accuracy.
+fixed 100, not the learned scale (it does not change top-k). Reports top-1 and top-5 accuracy,
+and on vtp_shapes the top-1 accuracy of each label factor (colour, shape).
 """
 
 from typing import Callable, Iterable, Sequence
@@ -37,8 +38,13 @@ def class_embeddings(text_features: Callable[[list[str]], np.ndarray],
   return _normalize(emb.mean(axis=1))
 
 
-def evaluate(image_features: np.ndarray, labels: np.ndarray, classifier: np.ndarray) -> dict:
-  """top-1 / top-5 accuracy of `LOGIT_SCALE * norm(image_features) @ classifier.T` vs labels."""
+def evaluate(image_features: np.ndarray, labels: np.ndarray, classifier: np.ndarray,
+             factors: dict | None = None) -> dict:
+  """top-1 / top-5 accuracy of `LOGIT_SCALE * norm(image_features) @ classifier.T` vs labels.
+
+  `factors` (eval.data.label_factors) adds '{factor}_top1': how often the top-1 class has the
+  right value of that factor (the colour of a 'red star' predicted as 'red heart' is right).
+  """
   labels = np.asarray(labels)
   valid = labels >= 0
   if not np.any(valid):
@@ -47,9 +53,13 @@ def evaluate(image_features: np.ndarray, labels: np.ndarray, classifier: np.ndar
     raise ValueError(f'label {labels[valid].max()} >= {classifier.shape[0]} class names: the names '
                      'do not match the dataset; fix evals.class_names.')
   logits = LOGIT_SCALE * _normalize(image_features[valid]) @ classifier.T
-  return {'top1': common.topk_accuracy(logits, labels[valid], 1),
-          'top5': common.topk_accuracy(logits, labels[valid], 5),
-          'examples': float(valid.sum())}
+  metrics = {'top1': common.topk_accuracy(logits, labels[valid], 1),
+             'top5': common.topk_accuracy(logits, labels[valid], 5),
+             'examples': float(valid.sum())}
+  predicted = np.argmax(logits, axis=-1)
+  for name, (_, of) in (factors or {}).items():
+    metrics[f'{name}_top1'] = float(np.mean(of(predicted) == of(labels[valid])))
+  return metrics
 
 
 def tokenizer_text_features(tokenizer, batch_size: int = 256) -> Callable[[list[str]], np.ndarray]:
@@ -82,6 +92,6 @@ def run(tokenizer, config, dataset_spec: str, *, max_examples: int | None = None
                                     mode='squash')
   image_features, labels = common.map_batches(tokenizer.clip_image_features, batches,
                                               ev.batch_size)
-  metrics = evaluate(image_features, labels, classifier)
+  metrics = evaluate(image_features, labels, classifier, eval_data.label_factors(dataset_spec))
   metrics['templates'] = float(len(templates))
   return metrics
