@@ -122,8 +122,8 @@ def test_weight_decay_shrinks_exactly_the_matrix_weights_on_schedule(scanned):
   params = make_params(scanned)
   lr = 1e-2
   # total_steps=10: wd(0) = 0.04 and step 5 is the cosine midpoint, wd(5) = 0.22.
-  us, _ = run(adamw_config(weight_decay=0.04, weight_decay_end=0.4), params, [zeros_like(params)] * 6,
-              scanned)
+  c = adamw_config(weight_decay=0.04, weight_decay_end=0.4)
+  us, _ = run(c, params, [zeros_like(params)] * 6, scanned)
   decayed = set()
   for (path, p), du0, du5 in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(us[0]),
                                  jax.tree.leaves(us[5])):
@@ -177,7 +177,7 @@ def test_lr_multipliers_match_dinov2(scanned):
   # float32 bias-correction round-off), so update = -lr * mult * (1 + wd * p) on decayed leaves
   # (torch AdamW: the group lr scales the decay too) and -lr * mult elsewhere.
   c = adamw_config(layer_decay=layer_decay, patch_embed_lr_mult=patch_mult, b1=0.0, b2=0.0,
-          weight_decay=wd, weight_decay_end=wd)
+                   weight_decay=wd, weight_decay_end=wd)
   (u,), _ = run(c, params, [ones_like(params)], scanned)
   seen_blocks = set()
   for (path, du), p in zip(jax.tree_util.tree_leaves_with_path(u), jax.tree.leaves(params)):
@@ -225,9 +225,9 @@ def test_last_layer_frozen_then_released(flat_head):
   rng = np.random.default_rng(1)
   grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
            for _ in range(5)]
-  frozen, _ = run(adamw_config(weight_decay=0.04, weight_decay_end=0.4, freeze_last_layer_steps=3), params,
-                  grads, scanned)
-  free, _ = run(adamw_config(weight_decay=0.04, weight_decay_end=0.4), params, grads, scanned)
+  decay = dict(weight_decay=0.04, weight_decay_end=0.4)
+  frozen, _ = run(adamw_config(freeze_last_layer_steps=3, **decay), params, grads, scanned)
+  free, _ = run(adamw_config(**decay), params, grads, scanned)
   for t in range(5):
     for leaf in ('v', 'g'):
       du = proto(frozen[t])[leaf]
@@ -373,16 +373,16 @@ def test_scanned_depth_mismatch_raises():
 ])
 def test_bad_config_raises(overrides, match):
   with pytest.raises(ValueError, match=match):
-    optim.make_optimizer(adamw_config(**overrides), make_params(True), True, ENC_DEPTH, total_steps=10,
-                         global_batch=1024)
+    optim.make_optimizer(adamw_config(**overrides), make_params(True), True, ENC_DEPTH,
+                         total_steps=10, global_batch=1024)
 
 
 def test_dinov2_defaults_build_and_step():
   """The default recipe end to end: warm-up lr at step 1, finite updates on every leaf."""
   params = make_params(True, towers=('encoder', 'dino_head'))
   c = adamw_config(lr=4e-3, lr_scaling='sqrt', warmup_steps=4, schedule='cosine', final_lr=1e-6,
-          weight_decay=0.04, weight_decay_end=0.4, layer_decay=0.9, patch_embed_lr_mult=0.2,
-          clip_grad_norm=3.0, freeze_last_layer_steps=1)
+                   weight_decay=0.04, weight_decay_end=0.4, layer_decay=0.9,
+                   patch_embed_lr_mult=0.2, clip_grad_norm=3.0, freeze_last_layer_steps=1)
   us, _ = run(c, params, [ones_like(params)] * 2, True, total_steps=20)
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(us[0]))  # lr(0) = 0
   lr1 = 4e-3 * math.sqrt(1024 / 1024) / 4  # sqrt scaling at the reference batch; 1/4 of warm-up
