@@ -6,6 +6,7 @@ Every parameter carries logical axis names; `vtp_jax/sharding.py` alone maps the
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -101,6 +102,45 @@ class RMSNorm(nn.Module):
     return normed.astype(x.dtype) * scale.astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps: float):
+  """(x - mean) * rsqrt(var + eps) * scale + bias over the last axis, statistics in float32, the
+  result cast back to x's dtype (PyTorch's fp32 LayerNorm), with the textbook backward below.
+
+  Why a hand-written backward: under autodiff, XLA:CPU fuses each block's LayerNorm backward into
+  the residual stream's cotangent and re-computes that whole chain, from the top of the tower
+  down, inside every consumer (measured: a 12-block, width-768 text tower's gradient took 3.6-4.3 s,
+  1.2 s of it in those fusions; 2.4 s with this backward). The closed form saves x-hat and 1/std
+  and reads them once, so the chain is materialised per block. Values are the same as autodiff's
+  (tests/models/test_layers.py checks them against it).
+  """
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  xf = x.astype(jnp.float32)
+  centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
+  inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+  normed = centred * inv_std
+  return (normed * scale + bias).astype(x.dtype), (normed, inv_std, scale)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+  del eps
+  normed, inv_std, scale = residuals
+  gf = g.astype(jnp.float32)
+  leading = tuple(range(gf.ndim - 1))
+  d_normed = gf * scale
+  # d/dx of (x - mean) / std: remove the cotangent's mean and its component along x-hat.
+  dx = inv_std * (d_normed - jnp.mean(d_normed, axis=-1, keepdims=True)
+                  - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
+  return (dx.astype(g.dtype), jnp.sum(gf * normed, axis=leading).astype(scale.dtype),
+          jnp.sum(gf, axis=leading).astype(scale.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm with weight and bias, statistics in float32 (as PyTorch's fp32 LayerNorm)."""
   eps: float = 1e-6
@@ -109,11 +149,7 @@ class LayerNorm(nn.Module):
   def __call__(self, x):
     scale = self.param('scale', param_with_axes(ONES, ('norm',)), (x.shape[-1],))
     bias = self.param('bias', param_with_axes(ZEROS, ('norm',)), (x.shape[-1],))
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    normed = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-    return (normed * scale + bias).astype(x.dtype)
+    return layer_norm(x, scale, bias, self.eps)
 
 
 def make_norm(kind: str, eps: float, name: str):
