@@ -71,20 +71,12 @@ def main(argv):
   import numpy as np
 
   from vtp_jax import batch as batch_lib
-  from vtp_jax import sharding
+  from vtp_jax.bench import common
   from vtp_jax.models import layers
   from vtp_jax.train import flops as flops_lib
-  from vtp_jax.train import state as state_lib
-  from vtp_jax.train import step as step_lib
 
   config = _CONFIG.value
-  mesh = sharding.make_mesh(config.mesh)
-  state, shardings, tx = state_lib.create(config, mesh)
-  step = step_lib.make_train_step(config, mesh, shardings, tx)
-  frozen = jax.device_put(step_lib.frozen_inputs(config), sharding.replicated(mesh))
-  batch = jax.device_put(batch_lib.synthetic_batch(config),
-                         batch_lib.batch_shardings(config, mesh))
-
+  mesh, state, step, batch, frozen = common.build_step(config)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = step.jitted.lower(state, batch, frozen).compile()

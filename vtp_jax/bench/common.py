@@ -1,0 +1,24 @@
+"""What the step benchmarks share: the real train step on a synthetic batch, built from a config.
+
+No flags and no module-level jax import, so `bench.step` and `bench.profile` can both use it and
+still run where only jax, flax and optax are installed.
+"""
+
+
+def build_step(config):
+  """(mesh, state, step, batch, frozen): the real train step and state for `config`, with a
+  synthetic batch already placed on the mesh."""
+  import jax
+
+  from vtp_jax import batch as batch_lib
+  from vtp_jax import sharding
+  from vtp_jax.train import state as state_lib
+  from vtp_jax.train import step as step_lib
+
+  mesh = sharding.make_mesh(config.mesh)
+  state, shardings, tx = state_lib.create(config, mesh)
+  step = step_lib.make_train_step(config, mesh, shardings, tx)
+  frozen = jax.device_put(step_lib.frozen_inputs(config), sharding.replicated(mesh))
+  batch = jax.device_put(batch_lib.synthetic_batch(config),
+                         batch_lib.batch_shardings(config, mesh))
+  return mesh, state, step, batch, frozen
