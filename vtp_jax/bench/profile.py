@@ -97,9 +97,8 @@ def main(argv):
 
   config = _CONFIG.value
   mesh, state, step, batch, frozen = common.build_step(config)
-  with jax.set_mesh(mesh):
-    hlo_text = step.jitted.lower(state, batch, frozen).compile().as_text()
-  state, metrics = step(state, batch, frozen)  # warm-up: compile outside the trace
+  compiled, run = common.compile_step(mesh, step, state, batch, frozen)
+  state, metrics = run(state)  # warm-up: first-run costs stay outside the trace
   jax.block_until_ready(metrics)
 
   with tempfile.TemporaryDirectory() as scratch:
@@ -107,7 +106,7 @@ def main(argv):
     jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
     t0 = time.perf_counter()
     for _ in range(FLAGS.steps):
-      state, metrics = step(state, batch, frozen)
+      state, metrics = run(state)
     jax.block_until_ready((state.step, metrics))
     traced_s = time.perf_counter() - t0
     jax.profiler.stop_trace()
@@ -116,7 +115,7 @@ def main(argv):
   per_step = collections.Counter({op: micros / FLAGS.steps
                                   for op, micros in op_durations(events).items()})
   report = {'steps_traced': FLAGS.steps, 'step_time_s_traced': traced_s / FLAGS.steps,
-            **breakdown(per_step, op_names(hlo_text), FLAGS.top),
+            **breakdown(per_step, op_names(compiled.as_text()), FLAGS.top),
             'jax': jax.__version__}
   print(json.dumps(report, indent=1))
 

@@ -78,8 +78,7 @@ def main(argv):
   config = _CONFIG.value
   mesh, state, step, batch, frozen = common.build_step(config)
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = step.jitted.lower(state, batch, frozen).compile()
+  compiled, run = common.compile_step(mesh, step, state, batch, frozen)
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -93,12 +92,12 @@ def main(argv):
       peaks.append(measure_matmul_flops(FLAGS.matmul_size, dtype))
 
   measure_peak()
-  state, metrics = step(state, batch, frozen)  # warm-up (also checks it runs)
+  state, metrics = run(state)  # warm-up (also checks it runs)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(FLAGS.steps):
     t = time.perf_counter()
-    state, metrics = step(state, batch, frozen)
+    state, metrics = run(state)
     jax.block_until_ready((state.step, metrics))
     times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
