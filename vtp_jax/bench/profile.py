@@ -27,6 +27,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file', lock_config=False)
 flags.DEFINE_integer('steps', 1, 'steps traced after the warm-up step')
+flags.register_validator('steps', lambda n: n >= 1,
+                         message='--steps must be at least 1: the steps traced after the warm-up.')
 flags.DEFINE_integer('top', 25, 'entries listed per breakdown')
 flags.DEFINE_string('trace_dir', '', 'where the trace is written (kept); empty: a temporary folder')
 FLAGS = flags.FLAGS
