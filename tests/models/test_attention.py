@@ -1,0 +1,87 @@
+"""The heads-first attention kernel (models/attention.py) against NumPy and jax.nn, and the Attention
+module's two layouts against each other."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vtp_jax.models import attention, layers
+
+
+def _numpy_attention(q, k, v, causal):
+  """softmax(q k^T / sqrt(d)) v in float64, (batch, heads, tokens, head_dim)."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  scores = np.einsum('bnqh,bnkh->bnqk', q, k) / np.sqrt(q.shape[-1])
+  if causal:
+    scores = np.where(np.tril(np.ones(scores.shape[-2:], bool)), scores, -np.inf)
+  scores = scores - scores.max(-1, keepdims=True)
+  probs = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
+  return np.einsum('bnqk,bnkh->bnqh', probs, v)
+
+
+def _qkv(dtype, shape=(2, 3, 11, 8)):
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_forward_matches_numpy(causal):
+  q, k, v = _qkv(jnp.float32)
+  got = attention.softmax_attention(q, k, v, causal)
+  np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v, causal), rtol=1e-5,
+                             atol=1e-6)
+
+
+def _jax_nn_loss(q, k, v, weights, causal):
+  # jax.nn takes (batch, tokens, heads, head_dim); its gradients come from JAX's autodiff.
+  swap = lambda t: jnp.swapaxes(t, 1, 2)
+  out = swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=causal))
+  return jnp.sum(out.astype(jnp.float32) * weights)
+
+
+def _our_loss(q, k, v, weights, causal):
+  return jnp.sum(attention.softmax_attention(q, k, v, causal).astype(jnp.float32) * weights)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 2e-5), (jnp.bfloat16, 6e-2)])
+def test_gradients_match_autodiff_of_jax_nn(causal, dtype, tol):
+  q, k, v = _qkv(dtype)
+  weights = jax.random.normal(jax.random.PRNGKey(1), q.shape)  # a non-uniform output cotangent
+  want = jax.grad(_jax_nn_loss, argnums=(0, 1, 2))(q, k, v, weights, causal)
+  got = jax.grad(_our_loss, argnums=(0, 1, 2))(q, k, v, weights, causal)
+  for name, g, w in zip('qkv', got, want):
+    assert g.dtype == w.dtype == dtype, name
+    scale = float(jnp.max(jnp.abs(w.astype(jnp.float32))))
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               atol=tol * scale, err_msg=f'd{name}')
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_attention_module_layouts_agree(causal):
+  """attention='xla' (heads-first, this kernel) and 'jax' (jax.nn, tokens-first) share parameters
+  and must give the same outputs and parameter gradients, RoPE and prefix tokens included."""
+  spec = dict(width=32, heads=4, qk_norm=True, causal=causal, rope_dtype='float32')
+  ours = layers.Attention(layers.BlockSpec(attention='xla', **spec))
+  reference = layers.Attention(layers.BlockSpec(attention='jax', **spec))
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 32))
+  angles = jax.random.uniform(jax.random.PRNGKey(3), (6, 8)) * 3.0  # 6 rotated tokens, 1 prefix
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  params = ours.init(jax.random.PRNGKey(4), x, sin, cos)
+  assert jax.tree.structure(params) == jax.tree.structure(
+      reference.init(jax.random.PRNGKey(4), x, sin, cos))
+
+  def loss(module, p):
+    return jnp.sum(jnp.tanh(module.apply(p, x, sin, cos)))
+
+  np.testing.assert_allclose(np.asarray(ours.apply(params, x, sin, cos)),
+                             np.asarray(reference.apply(params, x, sin, cos)), rtol=1e-5, atol=1e-6)
+  got, want = jax.grad(loss, argnums=1)(ours, params), jax.grad(loss, argnums=1)(reference, params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_attention_implementation_is_named():
+  with pytest.raises(ValueError, match="precision.attention='flash'"):
+    layers.BlockSpec(width=32, heads=4, attention='flash')
