@@ -1,8 +1,9 @@
 """`python -m vtp_jax.bench.step` runs on 2 fake CPU devices and its JSON is self-consistent.
 
 No speed is asserted (speed is what the benchmark reports, not what a test can check); this checks
-that MFU is the analytic FLOPs over the median step over the peak it reports, and that the peak is
-the faster of the two all-device matmul timings it lists.
+that MFU is the analytic FLOPs over the median step over the peak it reports, that the peak is
+the faster of the two all-device matmul timings it lists, and that the paired MFU is the median of
+each step's MFU against the matmul rate timed after it.
 """
 
 import json
@@ -37,3 +38,8 @@ def test_step_benchmark_prints_consistent_json_on_two_devices(tmp_path):
   assert flops['total'] == flops['clip'] + flops['rec']
   mfu = flops['total'] / report['step_time_s_median'] / report['peak_flops_per_s']
   assert abs(report['mfu'] - mfu) <= 1e-9 * mfu
+  rates = report['matmul_rate_after_each_step_flops_per_s']
+  assert len(rates) == 2
+  per_step = sorted(flops['total'] / t / r for t, r in zip(report['step_times_s'], rates))
+  # step_times_s are rounded to 0.1 ms in the JSON; the median of two is their mean
+  assert abs(report['mfu_paired'] - sum(per_step) / 2) <= 1e-3 * report['mfu_paired']

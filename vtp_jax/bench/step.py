@@ -7,7 +7,8 @@ Reports the analytic FLOPs per step (per branch, `vtp_jax.train.flops`), XLA's c
 compiled step, the median step time after warm-up, achieved FLOP/s, MFU against the peak, and peak
 memory. `--peak=measure` times a large matmul of the step's compute dtype in the same process, so
 MFU on a CPU means "fraction of what this machine's matmul reaches" (timed before and after the steps,
-the faster run counting, because a shared machine's rate drifts). Imports stay inside main() so
+the faster run counting, because a shared machine's rate drifts). `mfu_paired` is the median over
+steps of each step's MFU against the matmul timed right after it, which cancels that drift. Imports stay inside main() so
 the module runs wherever jax, flax and optax exist (the data stack is not needed).
 """
 
@@ -26,10 +27,11 @@ flags.DEFINE_integer('matmul_size', 4096, 'side of the square matmul timed by --
 FLAGS = flags.FLAGS
 
 
-def measure_matmul_flops(size: int, dtype) -> float:
-  """FLOP/s of every device multiplying its own (size x size) matrices at the same time, best of
-  several runs: n times one device's rate on separate chips, and the true total where devices
-  share cores (fake CPU devices, where n times a one-device figure would count the cores twice)."""
+def matmul_timer(size: int, dtype):
+  """`rate(runs) -> FLOP/s`: every device multiplying its own (size x size) matrices at the same
+  time, best of `runs` timings. The total is n times one device's rate on separate chips, and the
+  true total where devices share cores (fake CPU devices, where n times a one-device figure would
+  count the cores twice). Compiled and warmed up once, so each call only times."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -41,12 +43,16 @@ def measure_matmul_flops(size: int, dtype) -> float:
   a, b = make(jax.random.key(0)), make(jax.random.key(1))
   f = jax.jit(lambda x, y: jnp.einsum('nij,njk->nik', x, y), out_shardings=per_device)
   f(a, b).block_until_ready()
-  times = []
-  for _ in range(5):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n * size ** 3 / min(times)
+
+  def rate(runs: int) -> float:
+    times = []
+    for _ in range(runs):
+      t = time.perf_counter()
+      f(a, b).block_until_ready()
+      times.append(time.perf_counter() - t)
+    return 2 * n * size ** 3 / min(times)
+
+  return rate
 
 
 def _peak_memory(compiled) -> dict:
@@ -85,13 +91,14 @@ def main(argv):
   xla_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
 
   dtype = layers.dtype_of(config.precision.compute_dtype)
+  measuring = FLAGS.peak == 'measure'
+  timer = matmul_timer(FLAGS.matmul_size, dtype) if measuring else None
   peaks = []  # the matmul is timed before and after the steps; the faster figure is the peak
-
-  def measure_peak():
-    if FLAGS.peak == 'measure':
-      peaks.append(measure_matmul_flops(FLAGS.matmul_size, dtype))
-
-  measure_peak()
+  # ... and once right after every step, for an MFU per step against the rate of that moment:
+  # a shared machine's speed drifts over minutes, which this pairing cancels and `mfu` does not.
+  rates_after_steps = []
+  if measuring:
+    peaks.append(timer(5))
   state, metrics = run(state)  # warm-up (also checks it runs)
   jax.block_until_ready(metrics)
   times = []
@@ -100,9 +107,11 @@ def main(argv):
     state, metrics = run(state)
     jax.block_until_ready((state.step, metrics))
     times.append(time.perf_counter() - t)
+    if measuring:
+      rates_after_steps.append(timer(5))  # as many timings as the peak gets
   step_s = statistics.median(times)
-
-  measure_peak()
+  if measuring:
+    peaks.append(timer(5))
   analytic = flops_lib.step_flops(config)
   if FLAGS.peak == 'measure':
     # A shared machine's matmul rate drifts; the larger of the two keeps MFU conservative.
@@ -120,6 +129,7 @@ def main(argv):
                  'branches': list(batch_lib.active_branches(config)),
                  'compute_dtype': config.precision.compute_dtype,
                  'remat': config.precision.remat_policy,
+                 'scan_layers': config.precision.scan_layers,
                  'attention': config.precision.attention},
       'devices': [str(d.device_kind) for d in jax.devices()][:1] + [len(jax.devices())],
       'mesh': dict(mesh.shape),
@@ -133,6 +143,10 @@ def main(argv):
       'peak_source': peak_source,
       'peak_measurements_flops_per_s': peaks,
       'mfu': achieved / peak,
+      'matmul_rate_after_each_step_flops_per_s': rates_after_steps,
+      'mfu_paired': (statistics.median(analytic['total'] / t / r
+                                       for t, r in zip(times, rates_after_steps))
+                     if rates_after_steps else None),
       'memory': _peak_memory(compiled),
       'final_loss': float(np.asarray(metrics['loss'])),
       'jax': jax.__version__,
