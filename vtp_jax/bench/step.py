@@ -8,8 +8,8 @@ compiled step, the median step time after warm-up, achieved FLOP/s, MFU against 
 memory. `--peak=measure` times a large matmul of the step's compute dtype in the same process, so
 MFU on a CPU means "fraction of what this machine's matmul reaches" (timed before and after the steps,
 the faster run counting, because a shared machine's rate drifts). `mfu_paired` is the median over
-steps of each step's MFU against the matmul timed right after it, which cancels that drift. Imports stay inside main() so
-the module runs wherever jax, flax and optax exist (the data stack is not needed).
+steps of each step's MFU against the matmul timed right after it, which cancels that drift. Imports
+stay inside main() so the module runs wherever jax, flax and optax exist (no data stack needed).
 """
 
 import json
@@ -113,7 +113,7 @@ def main(argv):
   if measuring:
     peaks.append(timer(5))
   analytic = flops_lib.step_flops(config)
-  if FLAGS.peak == 'measure':
+  if measuring:
     # A shared machine's matmul rate drifts; the larger of the two keeps MFU conservative.
     peak = max(peaks)
     peak_source = (f'measured {FLAGS.matmul_size}^2 matmuls on {len(jax.devices())} devices at '

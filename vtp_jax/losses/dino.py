@@ -82,11 +82,13 @@ def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float 
   logits = jax.lax.stop_gradient(_f32(teacher_logits))
   mask = _row_mask('valid', valid, logits.shape[:-1])[..., None]
   # `where`, not a product: padded rows may hold anything, and 0 * inf would poison the mean.
-  rows = jnp.where(mask, logits, 0.0).reshape(-1, k)
-  # The sum over samples as ones @ rows: XLA:CPU reduces over an array's major axis several times
-  # slower than it runs this matrix-vector product (94 ms against 21 ms at 256 x 65536, measured).
-  total = jnp.dot(jnp.ones((1, rows.shape[0]), jnp.float32), rows,
-                  precision=jax.lax.Precision.HIGHEST)
+  masked = jnp.where(mask, logits, 0.0)
+  sample_shape = masked.shape[:-1]
+  # The sum over samples as a ones-vector product: XLA:CPU reduces over major axes far slower than
+  # it runs this contraction (155 ms against 1.7 ms for a (2, 128, 65536) array, measured). No
+  # reshape, so a sharded batch axis stays sharded and GSPMD all-reduces (K,) partial sums.
+  total = jnp.tensordot(jnp.ones(sample_shape, jnp.float32), masked, axes=len(sample_shape),
+                        precision=jax.lax.Precision.HIGHEST).reshape(1, k)
   count = jnp.sum(mask.astype(jnp.float32))
   batch_mean = _safe_div(total, count)
   return momentum * _f32(center) + (1.0 - momentum) * batch_mean

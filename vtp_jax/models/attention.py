@@ -1,7 +1,8 @@
-"""Softmax attention on heads-first (batch, heads, tokens, head_dim) arrays, with a hand-written backward.
+"""Softmax attention on heads-first (batch, heads, tokens, head_dim) arrays, hand-written backward.
 
 This is the `precision.attention='xla'` kernel (CPU, and GPU/TPU without a fused kernel); 'jax' and
-'cudnn' go to `jax.nn.dot_product_attention` instead. Two things make it faster than that function's XLA path here:
+'cudnn' go to `jax.nn.dot_product_attention` instead. Two things make it faster than that function's
+XLA path here:
 - Heads-first layout: both attention matmuls batch over (batch, heads) with the contracted axis minor,
   so XLA inserts no transposes between the qkv projection, the matmuls and the output projection.
 - FlashAttention's backward identity: the softmax backward needs rowsum(P * dP), which equals

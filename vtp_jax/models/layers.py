@@ -50,7 +50,7 @@ class BlockSpec:
   layerscale: float = 0.0  # 0 disables LayerScale
   dtype: str = 'float32'  # compute dtype
   rope_dtype: str = 'bfloat16'
-  attention: str = 'xla'  # 'xla': attention.softmax_attention; 'jax' or 'cudnn': jax.nn.dot_product_attention
+  attention: str = 'xla'  # 'xla': attention.py; 'jax' or 'cudnn': jax.nn.dot_product_attention
   drop_path_mode: str = 'subset'  # 'subset' (DINOv2) or 'sample' (Bernoulli per sample)
   causal: bool = False  # causal self-attention (text tower)
   init: str = 'vit'  # 'vit': trunc-normal(0.02) everywhere; 'openclip': OpenCLIP text-tower stds
