@@ -1,6 +1,7 @@
 """The heads on top of the trunk: the DINO/iBOT head (spec 1.8) and the CLIP image projection with
 the logit scale (and optional SigLIP bias) (spec 1.5, 2.2)."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -10,15 +11,10 @@ import jax.numpy as jnp
 from vtp_jax.models import layers
 
 
-def torch_linear_init(key, shape, dtype=jnp.float32):
-  """PyTorch's default nn.Linear weight init, U(+-1/sqrt(fan_in)), for a (in, out) kernel."""
-  bound = shape[0] ** -0.5
-  return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def torch_linear_init_out_in(key, shape, dtype=jnp.float32):
-  """The same init for a kernel stored (out, in), as PyTorch stores it."""
-  bound = shape[1] ** -0.5
+def torch_linear_init(key, shape, dtype=jnp.float32, fan_in_axis: int = 0):
+  """PyTorch's default nn.Linear weight init, U(+-1/sqrt(fan_in)); fan_in is shape[fan_in_axis]
+  (0 for a Flax (in, out) kernel, 1 for a weight stored (out, in) as PyTorch stores it)."""
+  bound = shape[fan_in_axis] ** -0.5
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
@@ -51,7 +47,7 @@ class DINOHead(nn.Module):
         x = nn.gelu(x, approximate=False)
     x = x.astype(jnp.float32)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    v = self.param('v', layers.param_with_axes(torch_linear_init_out_in,
+    v = self.param('v', layers.param_with_axes(functools.partial(torch_linear_init, fan_in_axis=1),
                                                ('prototypes', 'head_bottleneck')),
                    (self.prototypes, self.bottleneck), jnp.float32)
     g = self.param('g', layers.param_with_axes(layers.ONES, ('prototypes',)),
