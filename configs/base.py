@@ -34,6 +34,7 @@ def model_config() -> ml_collections.ConfigDict:
   m.encoder.qkv_bias = True  # bias on the fused qkv projection [C]
   m.encoder.qk_norm = False  # RMSNorm(head_dim) on q and k before RoPE; off in released weights [HF]
   m.encoder.layerscale = 0.0  # LayerScale init value; 0 disables it (released: null) [HF]
+  m.encoder.init = 'vit'  # linear init: 'vit' trunc-normal(0.02) [C]; 'fan_in' std fan_in^-0.5
   m.encoder.n_registers = 0  # storage/register tokens after CLS (released: 0) [C]
   m.encoder.drop_path_mode = 'subset'  # 'subset': DINOv2 batch-subset drop [C]; 'sample': Bernoulli
   m.encoder.clip_drop_rate = 0.0  # drop_ratio of the CLIP forward [?]
@@ -70,6 +71,7 @@ def model_config() -> ml_collections.ConfigDict:
   m.decoder.qkv_bias = True  # [C]
   m.decoder.qk_norm = False  # [HF]
   m.decoder.layerscale = 0.0  # [HF]
+  m.decoder.init = 'vit'  # as encoder [C]
 
   m.dino_head = ml_collections.ConfigDict()
   m.dino_head.hidden = 2048  # MLP hidden width [R DINOv2]

@@ -97,6 +97,37 @@ def test_pixel_shuffle_uses_pytorch_channel_order():
         np.testing.assert_array_equal(out[0, i::p, j::p, c], x[0, :, :, c * p * p + i * p + j])
 
 
+@pytest.mark.parametrize('init', ['vit', 'fan_in'])
+def test_vit_tower_init_matches_its_formula(init):
+  """'vit': trunc-normal(0.02) for every linear (spec 1.13); 'fan_in': trunc-normal(fan_in^-0.5),
+  the fan-in being the contracted width (the SwiGLU hidden size for w3). Truncation at 2 sigma
+  shrinks the std by SciPy's truncnorm(-2, 2).std()."""
+  from scipy import stats as scipy_stats
+  config = micro_config(scan_layers=False)
+  for tower in (config.model.encoder, config.model.decoder):
+    tower.update(width=96, heads=2, init=init)
+  params = nn.unbox(vtp.build(config).init(
+      jax.random.key(3), jnp.zeros((1, 32, 32, 3)),
+      jnp.zeros((1, config.model.text.context_length), jnp.int32)))['params']
+  hidden = layers.swiglu_hidden(96, 4.0)
+  shrink = scipy_stats.truncnorm(-2, 2).std()
+  for tower in ('encoder', 'decoder'):
+    block = params[tower]['blocks_0']
+    kernels = {'qkv': (block['attn']['qkv']['kernel'], 96),
+               'proj': (block['attn']['proj']['kernel'], 96),
+               'w1': (block['mlp']['w1']['kernel'], 96), 'w3': (block['mlp']['w3']['kernel'], hidden)}
+    for name, (kernel, fan_in) in kernels.items():
+      want = shrink * (0.02 if init == 'vit' else fan_in ** -0.5)
+      got = float(np.std(np.asarray(kernel)))
+      assert abs(got - want) < 0.05 * want, f'{tower} {name}: std {got:.4f}, want {want:.4f}'
+      assert float(np.max(np.abs(np.asarray(kernel)))) <= 2 * want / shrink + 1e-6
+
+
+def test_unknown_init_is_a_named_error():
+  with pytest.raises(ValueError, match="init='xavier'"):
+    layers.BlockSpec(width=32, heads=2, init='xavier')
+
+
 def test_swiglu_hidden_size_rule():
   assert [layers.swiglu_hidden(d, 4.0) for d in (384, 768, 1024, 64)] == [1024, 2048, 2736, 176]
 

@@ -53,7 +53,9 @@ class BlockSpec:
   attention: str = 'xla'  # 'xla': attention.py; 'jax' or 'cudnn': jax.nn.dot_product_attention
   drop_path_mode: str = 'subset'  # 'subset' (DINOv2) or 'sample' (Bernoulli per sample)
   causal: bool = False  # causal self-attention (text tower)
-  init: str = 'vit'  # 'vit': trunc-normal(0.02) everywhere; 'openclip': OpenCLIP text-tower stds
+  # 'vit': trunc-normal(0.02) everywhere (the reference); 'fan_in': trunc-normal(fan_in^-0.5);
+  # 'openclip': OpenCLIP text-tower stds
+  init: str = 'vit'
   depth_for_init: int = 1  # tower depth, for OpenCLIP's depth-scaled output-projection std
 
   def __post_init__(self):
@@ -66,6 +68,9 @@ class BlockSpec:
     if self.attention not in ('xla', 'jax', 'cudnn'):
       raise ValueError(f"precision.attention={self.attention!r}; use 'xla' (models/attention.py), "
                        "'jax' (jax.nn.dot_product_attention's XLA path) or 'cudnn' (GPU).")
+    if self.init not in ('vit', 'fan_in', 'openclip'):
+      raise ValueError(f"init={self.init!r}; use 'vit' (trunc-normal 0.02), 'fan_in' "
+                       "(trunc-normal fan_in^-0.5) or 'openclip'.")
     if self.drop_path_mode not in ('subset', 'sample'):
       raise ValueError(f"drop_path_mode={self.drop_path_mode!r}; use 'subset' or 'sample'.")
 
@@ -73,11 +78,16 @@ class BlockSpec:
     """Kernel initialiser of 'qkv', 'proj', 'fc' (MLP in) or 'fc_out' (MLP out).
 
     OpenCLIP's text tower (spec 1.6): attention std w^-0.5, output projections w^-0.5 (2 depth)^-0.5,
-    MLP input (2w)^-0.5. The ViT towers use trunc-normal(0.02) throughout (spec 1.13).
+    MLP input (2w)^-0.5. The ViT towers use trunc-normal(0.02) throughout (spec 1.13); 'fan_in'
+    scales that to each layer's fan-in (LeCun), which narrow towers need: at width 128, std 0.02 is
+    a quarter of w^-0.5 and a 4-block ViT sits on a plateau for thousands of steps (docs/benchmarks.md).
     """
     if self.init == 'vit':
       return DENSE_INIT
     w = self.width
+    if self.init == 'fan_in':
+      fan_in = self.mlp_hidden if which == 'fc_out' else w
+      return nn.initializers.truncated_normal(fan_in ** -0.5)
     std = {'qkv': w ** -0.5, 'proj': w ** -0.5 * (2 * self.depth_for_init) ** -0.5,
            'fc': (2 * w) ** -0.5, 'fc_out': w ** -0.5 * (2 * self.depth_for_init) ** -0.5}[which]
     return nn.initializers.normal(std)

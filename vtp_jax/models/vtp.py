@@ -48,7 +48,8 @@ def _block_spec(tower, precision, **overrides) -> layers.BlockSpec:
       width=tower.width, heads=tower.heads, mlp=tower.get('mlp', 'gelu'),
       mlp_ratio=tower.mlp_ratio, norm=tower.get('norm', 'layernorm'), norm_eps=tower.norm_eps,
       qkv_bias=tower.get('qkv_bias', True), qk_norm=tower.get('qk_norm', False),
-      layerscale=tower.get('layerscale', 0.0), dtype=precision.compute_dtype,
+      layerscale=tower.get('layerscale', 0.0), init=tower.get('init', 'vit'),
+      dtype=precision.compute_dtype,
       rope_dtype=precision.rope_dtype, attention=precision.attention)
   fields.update(overrides)
   return layers.BlockSpec(**fields)
