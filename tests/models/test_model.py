@@ -1,5 +1,6 @@
 """Model structure and behaviour: parameter counts, layouts, remat, pixel shuffle, drop path, masks."""
 
+import functools
 import importlib
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
-from vtp_jax.models import decoder, layers, layout, vtp
+from vtp_jax.models import decoder, layers, layout, vision, vtp
 
 
 def _config(name, **precision):
@@ -39,11 +40,22 @@ def test_released_parameter_counts_match_the_spec(name, total):
   assert abs(released - total) <= 1e-3 * total, f'{name}: {released / 1e6:.2f}M vs {total / 1e6}M'
 
 
-def _init_tiny(scan, remat='none'):
-  model = vtp.build(micro_config(scan_layers=scan, remat_policy=remat))
-  params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((2, 32, 32, 3)),
-                               jnp.zeros((2, 8), jnp.int32))['params']
-  return model, nn.unbox(params)
+def _tiny_model(scan, remat='none'):
+  return vtp.build(micro_config(scan_layers=scan, remat_policy=remat))
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_scanned_params():
+  """Scanned micro-model parameters, initialised once: several tests only read them, and the
+  parameters do not depend on the remat policy."""
+  params = jax.jit(_tiny_model(scan=True).init)(
+      jax.random.key(1), jnp.zeros((2, 32, 32, 3)), jnp.zeros((2, 8), jnp.int32))['params']
+  return nn.unbox(params)
+
+
+def _init_tiny(scan=True):
+  # A fresh tree of dicts over the cached arrays, so a test may replace an entry.
+  return _tiny_model(scan), jax.tree.map(lambda x: x, _tiny_scanned_params())
 
 
 def _apply(model, method, **kwargs):
@@ -51,8 +63,8 @@ def _apply(model, method, **kwargs):
 
 
 def test_scanned_and_unscanned_encoders_give_the_same_outputs():
-  scanned_model, params = _init_tiny(scan=True)
-  unrolled_model, _ = _init_tiny(scan=False)
+  scanned_model, params = _init_tiny()
+  unrolled_model = _tiny_model(scan=False)
   images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
   a = _apply(scanned_model, scanned_model.encode, n_intermediate=2, use_bottleneck=True)(
       params, images)
@@ -70,8 +82,8 @@ def test_scanned_and_unscanned_encoders_give_the_same_outputs():
 
 @pytest.mark.parametrize('policy', ['full', 'dots'])
 def test_rematerialisation_does_not_change_gradients(policy):
-  model, params = _init_tiny(scan=True)
-  remat_model, _ = _init_tiny(scan=True, remat=policy)
+  model, params = _init_tiny()
+  remat_model = _tiny_model(scan=True, remat=policy)
   images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
 
   def loss(m):
@@ -106,13 +118,16 @@ def test_vit_tower_init_matches_its_formula(init):
   config = micro_config(scan_layers=False)
   for tower in (config.model.encoder, config.model.decoder):
     tower.update(width=96, heads=2, init=init)
-  params = nn.unbox(vtp.build(config).init(
-      jax.random.key(3), jnp.zeros((1, 32, 32, 3)),
-      jnp.zeros((1, config.model.text.context_length), jnp.int32)))['params']
+  spec = vtp.spec_from_config(config)
+  towers = {'encoder': (vision.VisionEncoder(spec.encoder), (1, 32, 32, 3)),
+            'decoder': (decoder.PixelDecoder(spec.decoder), (1, 2, 2, config.model.bottleneck_dim))}
   hidden = layers.swiglu_hidden(96, 4.0)
   shrink = scipy_stats.truncnorm(-2, 2).std()
-  for tower in ('encoder', 'decoder'):
-    block = params[tower]['blocks_0']
+  all_params = nn.unbox(jax.jit(lambda key: {  # one compilation for both towers
+      name: module.init(key, jnp.zeros(shape))['params'] for name, (module, shape) in towers.items()
+  })(jax.random.key(3)))
+  for tower, params in all_params.items():
+    block = params['blocks_0']
     kernels = {'qkv': (block['attn']['qkv']['kernel'], 96),
                'proj': (block['attn']['proj']['kernel'], 96),
                'w1': (block['mlp']['w1']['kernel'], 96), 'w3': (block['mlp']['w3']['kernel'], hidden)}
@@ -142,7 +157,7 @@ def test_subset_drop_path_touches_only_the_kept_samples():
 
 
 def test_mask_token_replaces_masked_patches_only():
-  model, params = _init_tiny(scan=True)
+  model, params = _init_tiny()
   params['encoder']['mask_token'] = jnp.full_like(params['encoder']['mask_token'], 3.0)
   images = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
   mask = jnp.zeros((2, 4), bool).at[0, 2].set(True)
@@ -154,7 +169,7 @@ def test_mask_token_replaces_masked_patches_only():
 
 
 def test_text_tower_pools_at_the_end_token():
-  model, params = _init_tiny(scan=True)
+  model, params = _init_tiny()
   base = jnp.array([[49406, 320, 1125, 49407] + [0] * 4])
   altered_padding = base.at[0, 6].set(7)  # after EOT: invisible under the causal mask
   f = lambda t: _apply(model, model.clip_text_features)(params, t)

@@ -69,8 +69,8 @@ class BlockSpec:
       raise ValueError(f"precision.attention={self.attention!r}; use 'xla' (models/attention.py), "
                        "'jax' (jax.nn.dot_product_attention's XLA path) or 'cudnn' (GPU).")
     if self.init not in ('vit', 'fan_in', 'openclip'):
-      raise ValueError(f"init={self.init!r}; use 'vit' (trunc-normal 0.02), 'fan_in' "
-                       "(trunc-normal fan_in^-0.5) or 'openclip'.")
+      raise ValueError(f"model.encoder/decoder.init={self.init!r}; use 'vit' (trunc-normal "
+                       "0.02, the reference) or 'fan_in' (trunc-normal fan_in^-0.5).")
     if self.drop_path_mode not in ('subset', 'sample'):
       raise ValueError(f"drop_path_mode={self.drop_path_mode!r}; use 'subset' or 'sample'.")
 
@@ -78,9 +78,9 @@ class BlockSpec:
     """Kernel initialiser of 'qkv', 'proj', 'fc' (MLP in) or 'fc_out' (MLP out).
 
     OpenCLIP's text tower (spec 1.6): attention std w^-0.5, output projections w^-0.5 (2 depth)^-0.5,
-    MLP input (2w)^-0.5. The ViT towers use trunc-normal(0.02) throughout (spec 1.13); 'fan_in'
-    scales that to each layer's fan-in (LeCun), which narrow towers need: at width 128, std 0.02 is
-    a quarter of w^-0.5 and a 4-block ViT sits on a plateau for thousands of steps (docs/benchmarks.md).
+    MLP input (2w)^-0.5. The ViT towers use trunc-normal(0.02) throughout (spec 1.13), a scale set
+    for widths near 768; 'fan_in' uses each layer's fan-in instead (LeCun), since at width 128 the
+    0.02 is a quarter of w^-0.5. What each changes is measured in docs/benchmarks.md (sixth session).
     """
     if self.init == 'vit':
       return DENSE_INIT
