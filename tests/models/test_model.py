@@ -53,9 +53,10 @@ def _tiny_scanned_params():
   return nn.unbox(params)
 
 
-def _init_tiny(scan=True):
-  # A fresh tree of dicts over the cached arrays, so a test may replace an entry.
-  return _tiny_model(scan), jax.tree.map(lambda x: x, _tiny_scanned_params())
+def _init_tiny():
+  """The scanned micro model and its parameters, as a fresh tree of dicts over the cached arrays
+  (so a test may replace an entry)."""
+  return _tiny_model(scan=True), jax.tree.map(lambda x: x, _tiny_scanned_params())
 
 
 def _apply(model, method, **kwargs):
