@@ -4,12 +4,27 @@ XLA reads the device count once, when jax first initialises its CPU backend; thi
 pytest before any test module, so setting the flag here (before `import jax`) is early enough.
 """
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+# One persistent XLA compilation cache per test session, which the launch/main.py subprocesses
+# inherit through the environment. Many tests compile the same micro-model programs (the state
+# init, the train step) from fresh closures, which jit's in-memory cache cannot match; the
+# persistent cache keys on the program itself (HLO, compile options, devices, versions). A fresh
+# folder per session keeps one run independent of the last. JAX_COMPILATION_CACHE_DIR set by the
+# caller is left alone.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _xla_cache = tempfile.mkdtemp(prefix='vtp_jax_tests_xla_cache_')
+  atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _xla_cache
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import jax  # noqa: E402  (must come after the flag)
 import pytest  # noqa: E402
