@@ -1,4 +1,5 @@
-"""Test-wide setup: eight fake CPU devices, so sharding is exercised for real.
+"""Test-wide setup: eight fake CPU devices, so sharding is exercised for real, and one persistent
+compilation cache per test session.
 
 XLA reads the device count once, when jax first initialises its CPU backend; this file is imported by
 pytest before any test module, so setting the flag here (before `import jax`) is early enough.
