@@ -90,9 +90,9 @@ def test_decoder_gradient_equals_direct_autodiff_of_the_ldm_objective():
     _, metrics = gan(state, batch, {})
     return metrics, captured['grads']  # the spy's tracers, returned from the same trace
 
-  metrics, captured['grads'] = step_and_grads(state, jax.tree.map(jnp.asarray, batch))
+  metrics, grads = step_and_grads(state, jax.tree.map(jnp.asarray, batch))
   np.testing.assert_allclose(float(metrics['adaptive_weight']), weight, rtol=1e-4)
-  for got, want in zip(jax.tree.leaves(captured['grads']), jax.tree.leaves(expected)):
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7)
 
 
