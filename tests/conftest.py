@@ -105,3 +105,16 @@ def get_config():
   c.evals.at_end = False  # the demo's evals are not part of these runs
   return c
 '''
+
+
+def assert_abstract_state_describes(state, config, mesh):
+  """`create(abstract=True)` gives exactly the shapes, dtypes and shardings `create` makes."""
+  from vtp_jax.train import state as state_lib  # local, as in the fixtures above
+  abstract, _, _ = state_lib.create(config, mesh, abstract=True)
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  paths_and_arrays = jax.tree_util.tree_flatten_with_path(state)[0]
+  for (path, want), got in zip(paths_and_arrays, jax.tree.leaves(abstract)):
+    assert isinstance(got, jax.ShapeDtypeStruct), path  # nothing was allocated
+    assert (got.shape, got.dtype) == (want.shape, want.dtype), path
+    assert got.sharding.is_equivalent_to(want.sharding, want.ndim), (path, got.sharding,
+                                                                     want.sharding)

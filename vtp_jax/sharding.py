@@ -135,6 +135,12 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs carrying their target shardings: a restore's target, or `lower`'s input."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
 def bytes_per_device(tree) -> dict:
   """Bytes of `tree` resident on each device (for memory checks and start-up logs)."""
   totals: dict = {}

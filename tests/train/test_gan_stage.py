@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import micro_config
+from conftest import assert_abstract_state_describes, micro_config
 
 from configs import gan_stage as gan_config
 from vtp_jax import batch as batch_lib
@@ -29,9 +29,10 @@ def _gan_config(lpips_weight=0.0, start_step=0):
 def test_patch_discriminator_layout_and_batch_norm():
   disc = discriminator.PatchDiscriminator(channels=8, n_layers=3)
   x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
-  params = disc.init(jax.random.key(1), x)['params']
+  # Jitted: op-by-op dispatch of the convolutions took most of this test's time.
+  params = jax.jit(disc.init)(jax.random.key(1), x)['params']
   # 4x4 convs padded by 1: stride 2 halves (32->16->8->4), stride 1 takes 1 off (4->3->2).
-  assert disc.apply({'params': params}, x).shape == (2, 2, 2)
+  assert jax.eval_shape(disc.apply, {'params': params}, x).shape == (2, 2, 2)
   widths = [params[n]['kernel'].shape[-1] for n in ('conv_in', 'conv_1', 'conv_2', 'conv_3',
                                                     'conv_out')]
   assert widths == [8, 16, 32, 64, 1]
@@ -101,6 +102,7 @@ def test_steps_train_decoder_and_discriminator_only():
   config = _gan_config(start_step=start_step)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])  # batch-parallel over 2 devices
   state, shardings, tx = state_lib.create(config, mesh)
+  assert_abstract_state_describes(state, config, mesh)
   before = jax.tree.map(np.asarray, state.params)
   disc_before = jax.tree.map(np.asarray, state.disc['params'])
   run = step_lib.make_train_step(config, mesh, shardings, tx)

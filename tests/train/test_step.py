@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import micro_config
+from conftest import assert_abstract_state_describes, micro_config
 from vtp_jax import batch as batch_lib
 from vtp_jax import sharding
 from vtp_jax.train import state as state_lib
@@ -31,13 +31,16 @@ def _mesh(data, fsdp, tensor):
                             devices=jax.devices()[:data * fsdp * tensor])
 
 
-def _run(config, mesh, n_steps, batch):
+def _run(config, mesh, n_steps, batch, check_abstract=False):
   state, shardings, tx = state_lib.create(config, mesh)
+  if check_abstract:
+    assert_abstract_state_describes(state, config, mesh)
   step = step_lib.make_train_step(config, mesh, shardings, tx)
   frozen = step_lib.frozen_inputs(config)
   history = []
-  for _ in range(n_steps):
-    before = jax.device_get(state)
+  for i in range(n_steps):
+    if i == n_steps - 1:
+      before = jax.device_get(state)  # the state the last step starts from (it is donated)
     state, metrics = step(state, batch, frozen)
     history.append(jax.device_get(metrics))
   return before, jax.device_get(state), history
@@ -47,7 +50,7 @@ def test_sharded_step_equals_single_device_step_and_teacher_is_exact_ema():
   config = step_config(lpips_weight=0.0)  # LPIPS is covered below; VGG16 triples compile time
   batch = batch_lib.synthetic_batch(config)
   before_1, after_1, hist_1 = _run(config, _mesh(1, 1, 1), 2, batch)
-  _, after_8, hist_8 = _run(config, _mesh(2, 2, 2), 2, batch)
+  _, after_8, hist_8 = _run(config, _mesh(2, 2, 2), 2, batch, check_abstract=True)
   for key in ('loss', 'clip', 'dino', 'ibot', 'koleo', 'l1'):
     np.testing.assert_allclose(hist_8[-1][key], hist_1[-1][key], rtol=2e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
@@ -127,7 +130,7 @@ def _flops_of(overrides):
 
 def _flops(config):
   mesh = _mesh(1, 1, 1)
-  state, shardings, tx = state_lib.create(config, mesh)
+  state, shardings, tx = state_lib.create(config, mesh, abstract=True)  # lower() needs no arrays
   step = step_lib.make_train_step(config, mesh, shardings, tx)
   abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                 batch_lib.synthetic_batch(config))

@@ -36,12 +36,6 @@ def checkpoint_root(workdir) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / SUBDIR
 
 
-def with_shardings(abstract_tree, shardings):
-  """ShapeDtypeStructs carrying the target shardings: what every restore needs to reshard."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract_tree, shardings)
-
-
 class Checkpoints:
   """Async saves of (state, data iterator, config) every N steps, keep K, resume the latest."""
 

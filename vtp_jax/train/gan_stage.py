@@ -70,8 +70,9 @@ def disc_optimizer(config) -> optax.GradientTransformation:
   return optax.adam(_lr(g.disc_lr, g.warmup_steps), b1=g.b1, b2=g.b2)
 
 
-def create(config, mesh, rng_seed: int | None = None):
-  """(state, state_shardings, decoder optimizer) for stage 2, initialised into its shards."""
+def create(config, mesh, rng_seed: int | None = None, *, abstract: bool = False):
+  """(state, state_shardings, decoder optimizer) for stage 2, initialised into its shards
+  (`abstract=True`: ShapeDtypeStructs with their shardings, as `state.create`)."""
   check_config(config)
   seed = config.seed if rng_seed is None else rng_seed
   rules = sharding.rules_from_config(config)
@@ -91,14 +92,16 @@ def create(config, mesh, rng_seed: int | None = None):
 
   replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init_state, jax.random.key(seed))
+    abstract_state = jax.eval_shape(init_state, jax.random.key(seed))
     shardings = state_lib.TrainState(
         step=replicated, params=param_shardings,
-        opt_state=state_lib.opt_state_shardings(abstract.opt_state, param_shardings['decoder'],
-                                                mesh),
+        opt_state=state_lib.opt_state_shardings(abstract_state.opt_state,
+                                                param_shardings['decoder'], mesh),
         teacher={}, loss_state={}, rng=replicated,
         # The discriminator is a few MB of convolutions: replicated, batch-parallel under GSPMD.
-        disc=jax.tree.map(lambda _: replicated, abstract.disc))
+        disc=jax.tree.map(lambda _: replicated, abstract_state.disc))
+    if abstract:
+      return sharding.with_shardings(abstract_state, shardings), shardings, tx
     state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(seed))
   return state, shardings, tx
 

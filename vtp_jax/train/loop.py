@@ -158,19 +158,6 @@ def _has_device_module() -> bool:
   return importlib.util.find_spec('vtp_jax.data.device') is not None
 
 
-def restore_target(config, mesh):
-  """(abstract state with shardings, shardings, optimizer): the target a restore fills in.
-
-  Built by initialising a fresh state and freeing it at once: state.create is the one place that
-  knows the state's structure and shardings (it sets a mesh, so it cannot run under eval_shape).
-  """
-  state, shardings, tx = state_lib.create(config, mesh)
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        state)
-  jax.tree.map(lambda x: x.delete(), state)  # free it before the restore allocates its copy
-  return target, shardings, tx
-
-
 def _abstract_batch(config, mesh):
   shardings = batch_lib.batch_shardings(config, mesh)
   return {branch: {field: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[branch][field])
@@ -241,7 +228,8 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   data_iter = make_data_iterator(config, pi, pc)
 
   if latest is not None:
-    target, shardings, tx = restore_target(config, mesh)
+    # Shapes and shardings only: no random state is initialised just to be overwritten.
+    target, shardings, tx = state_lib.create(config, mesh, abstract=True)
     fits = ckpts.data_state_saved_here(latest)
     state = ckpts.restore(latest, target, data_iter if fits else None)
     if not fits:

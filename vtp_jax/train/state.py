@@ -98,14 +98,17 @@ def param_init(config, mesh):
   return init_params, param_shardings, params_shape
 
 
-def create(config, mesh, rng_seed: int | None = None):
+def create(config, mesh, rng_seed: int | None = None, *, abstract: bool = False):
   """(state, state_shardings, optimizer): the train state initialised straight into its shards.
 
+  With `abstract=True` the state's leaves are ShapeDtypeStructs carrying their shardings and
+  nothing is initialised or allocated: the target a checkpoint restore fills in (a resumed run
+  never materialises a throw-away random state), or the input `jit(...).lower` needs.
   With `config.gan.enabled` this is the decoder GAN stage's state (`train/gan_stage.py`).
   """
   if config.gan.enabled:
     from vtp_jax.train import gan_stage  # local: gan_stage builds on this module
-    return gan_stage.create(config, mesh, rng_seed)
+    return gan_stage.create(config, mesh, rng_seed, abstract=abstract)
   rules = sharding.rules_from_config(config)
   seed = config.seed if rng_seed is None else rng_seed
   init_params, param_shardings, params_shape = param_init(config, mesh)
@@ -121,12 +124,14 @@ def create(config, mesh, rng_seed: int | None = None):
 
   replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init_state, jax.random.key(seed))
+    abstract_state = jax.eval_shape(init_state, jax.random.key(seed))
     shardings = TrainState(
         step=replicated, params=param_shardings,
-        opt_state=opt_state_shardings(abstract.opt_state, param_shardings, mesh),
+        opt_state=opt_state_shardings(abstract_state.opt_state, param_shardings, mesh),
         teacher=teacher_of(param_shardings),
-        loss_state=jax.tree.map(lambda _: replicated, abstract.loss_state),
+        loss_state=jax.tree.map(lambda _: replicated, abstract_state.loss_state),
         rng=replicated, disc={})
+    if abstract:
+      return sharding.with_shardings(abstract_state, shardings), shardings, tx
     state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(seed))
   return state, shardings, tx
