@@ -132,10 +132,11 @@ def _flops(config):
   mesh = _mesh(1, 1, 1)
   state, shardings, tx = state_lib.create(config, mesh, abstract=True)  # lower() needs no arrays
   step = step_lib.make_train_step(config, mesh, shardings, tx)
-  abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                batch_lib.synthetic_batch(config))
-  frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        step_lib.frozen_inputs(config))
+  # Shapes only, from the modules that define them: no batch is drawn, no weights are read.
+  abstract_batch = {branch: {field: jax.ShapeDtypeStruct(shape, dtype)
+                             for field, (shape, dtype) in fields.items()}
+                    for branch, fields in batch_lib.batch_shapes(config).items()}
+  frozen = step_lib.frozen_inputs_abstract(config)
   with jax.set_mesh(mesh):
     # The lowered (pre-optimisation) HLO's count: a branch that is not traced is absent from it,
     # and this skips XLA's compile.
