@@ -217,7 +217,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.precision.rope_dtype = 'bfloat16'  # 'bfloat16' reproduces the reference RoPE bit for bit [C]
   c.precision.scan_layers = False  # False: unrolled blocks, faster steps; True: nn.scan, compile time flat in depth
   c.precision.remat_policy = 'none'  # 'none', 'full', 'dots', 'dots_no_batch': what blocks keep for backward
-  c.precision.attention = 'xla'  # 'xla': models/attention.py; 'jax' / 'cudnn': jax.nn.dot_product_attention
+  c.precision.attention = 'xla'  # 'xla': models/attention.py; 'cpu': models/cpu_attention.py (float32 kernel); 'jax' / 'cudnn': jax.nn.dot_product_attention
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size; -1 takes the devices left over

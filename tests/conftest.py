@@ -27,6 +27,13 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _xla_cache
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
+# precision.attention='cpu' compiles its kernel into a cache on first use: a fresh one per session,
+# so every run builds it from the source it tests.
+if 'VTP_JAX_KERNEL_CACHE' not in os.environ:
+  _kernel_cache = tempfile.mkdtemp(prefix='vtp_jax_tests_kernels_')
+  atexit.register(shutil.rmtree, _kernel_cache, ignore_errors=True)
+  os.environ['VTP_JAX_KERNEL_CACHE'] = _kernel_cache
+
 import jax  # noqa: E402  (must come after the flag)
 import pytest  # noqa: E402
 

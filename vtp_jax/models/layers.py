@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vtp_jax.models import attention as attention_lib
+from vtp_jax.models import cpu_attention
 from vtp_jax.models import rope as rope_lib
 
 # Initialisers of the reference (spec 1.13): trunc-normal(0.02) linears, zero biases, unit norms.
@@ -50,7 +51,9 @@ class BlockSpec:
   layerscale: float = 0.0  # 0 disables LayerScale
   dtype: str = 'float32'  # compute dtype
   rope_dtype: str = 'bfloat16'
-  attention: str = 'xla'  # 'xla': attention.py; 'jax' or 'cudnn': jax.nn.dot_product_attention
+  # 'xla': attention.py; 'cpu': cpu_attention.py's compiled kernel; 'jax' or 'cudnn':
+  # jax.nn.dot_product_attention
+  attention: str = 'xla'
   drop_path_mode: str = 'subset'  # 'subset' (DINOv2) or 'sample' (Bernoulli per sample)
   causal: bool = False  # causal self-attention (text tower)
   # 'vit': trunc-normal(0.02) everywhere (the reference); 'fan_in': trunc-normal(fan_in^-0.5);
@@ -65,8 +68,9 @@ class BlockSpec:
       raise ValueError(f"mlp={self.mlp!r}; use 'swiglu' or 'gelu'.")
     if self.norm not in ('rmsnorm', 'layernorm'):
       raise ValueError(f"norm={self.norm!r}; use 'rmsnorm' or 'layernorm'.")
-    if self.attention not in ('xla', 'jax', 'cudnn'):
+    if self.attention not in ('xla', 'cpu', 'jax', 'cudnn'):
       raise ValueError(f"precision.attention={self.attention!r}; use 'xla' (models/attention.py), "
+                       "'cpu' (models/cpu_attention.py, a compiled float32 CPU kernel), "
                        "'jax' (jax.nn.dot_product_attention's XLA path) or 'cudnn' (GPU).")
     if self.init not in ('vit', 'fan_in', 'openclip'):
       raise ValueError(f"model.encoder/decoder.init={self.init!r}; use 'vit' (trunc-normal "
@@ -235,8 +239,8 @@ class Attention(nn.Module):
 
   The qkv kernel is (width, 3, heads, head_dim) rather than a flat (width, 3*width) so that tensor
   parallelism splits whole heads and never cuts across the q/k/v boundary.
-  With `attention='xla'` the projections write and read heads-first (batch, heads, tokens, head_dim)
-  arrays for `attention.softmax_attention`; other implementations get jax.nn.dot_product_attention's
+  With `attention='xla'` or 'cpu' the projections write and read heads-first (batch, heads, tokens,
+  head_dim) arrays for `attention.softmax_attention` or `cpu_attention.softmax_attention`; other implementations get jax.nn.dot_product_attention's
   (batch, tokens, heads, head_dim). The parameters are the same either way.
   """
   spec: BlockSpec
@@ -244,7 +248,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, sin=None, cos=None):
     s, dtype = self.spec, dtype_of(self.spec.dtype)
-    heads_first = s.attention == 'xla'
+    heads_first = s.attention in ('xla', 'cpu')
     qkv = DenseND((3, s.heads, s.head_dim), 1, ('embed', 'qkv', 'heads', 'head_dim'),
                   ('qkv', 'heads', 'head_dim') if s.qkv_bias else None, dtype,
                   s.init_for('qkv'), name='qkv',
@@ -262,8 +266,10 @@ class Attention(nn.Module):
     names = (('act_batch', 'act_heads', 'act_seq', None) if heads_first
              else ('act_batch', 'act_seq', 'act_heads', None))
     q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
-    if heads_first:
+    if s.attention == 'xla':
       out = attention_lib.softmax_attention(q, k, v, s.causal)
+    elif s.attention == 'cpu':
+      out = cpu_attention.softmax_attention(q, k, v, s.causal)
     else:
       out = jax.nn.dot_product_attention(
           q, k, v, is_causal=s.causal, implementation=None if s.attention == 'jax' else s.attention)
