@@ -1,12 +1,12 @@
 """The heads-first attention kernel (models/attention.py) against NumPy and jax.nn, and the Attention
-module's two layouts against each other."""
+module's layouts against each other (heads-first with either kernel, tokens-first with jax.nn)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vtp_jax.models import attention, layers
+from vtp_jax.models import attention, cpu_attention, layers
 
 
 def _numpy_attention(q, k, v, causal):
@@ -58,12 +58,19 @@ def test_gradients_match_autodiff_of_jax_nn(causal, dtype, tol):
                                atol=tol * scale, err_msg=f'd{name}')
 
 
+_NO_COMPILER = pytest.mark.skipif(
+    cpu_attention.compiler() is None,
+    reason="precision.attention='cpu' is compiled on first use and no C++ compiler was found")
+
+
 @pytest.mark.parametrize('causal', [False, True])
-def test_attention_module_layouts_agree(causal):
-  """attention='xla' (heads-first, this kernel) and 'jax' (jax.nn, tokens-first) share parameters
-  and must give the same outputs and parameter gradients, RoPE and prefix tokens included."""
+@pytest.mark.parametrize('implementation', ['xla', pytest.param('cpu', marks=_NO_COMPILER)])
+def test_attention_module_layouts_agree(implementation, causal):
+  """attention='xla' (heads-first, this kernel) or 'cpu' (heads-first, cpu_attention's compiled
+  kernel) and 'jax' (jax.nn, tokens-first) share parameters and must give the same outputs and
+  parameter gradients, RoPE and prefix tokens included."""
   spec = dict(width=32, heads=4, qk_norm=True, causal=causal, rope_dtype='float32')
-  ours = layers.Attention(layers.BlockSpec(attention='xla', **spec))
+  ours = layers.Attention(layers.BlockSpec(attention=implementation, **spec))
   reference = layers.Attention(layers.BlockSpec(attention='jax', **spec))
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 32))
   angles = jax.random.uniform(jax.random.PRNGKey(3), (6, 8)) * 3.0  # 6 rotated tokens, 1 prefix

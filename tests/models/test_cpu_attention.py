@@ -1,6 +1,6 @@
 """The compiled CPU attention kernel (models/cpu_attention.py, precision.attention='cpu') against a
-float64 NumPy forward and backward, sharded over the 8 fake devices, and inside the Attention
-module."""
+float64 NumPy forward and backward, and sharded over the 8 fake devices. Inside the Attention module
+it is checked against jax.nn in test_attention.py."""
 
 import flax.linen as nn
 import jax
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vtp_jax import sharding
-from vtp_jax.models import cpu_attention, layers
+from vtp_jax.models import cpu_attention
 
 pytestmark = pytest.mark.skipif(
     cpu_attention.compiler() is None,
@@ -96,27 +96,3 @@ def test_bfloat16_is_refused_with_the_fix_named():
   q = jnp.zeros((1, 1, 4, 8), jnp.bfloat16)
   with pytest.raises(ValueError, match="precision.compute_dtype='float32'"):
     cpu_attention.softmax_attention(q, q, q)
-
-
-@pytest.mark.parametrize('causal', [False, True])
-def test_attention_module_with_the_kernel_matches_the_xla_one(causal):
-  """attention='cpu' and 'xla' share the heads-first layout and parameters: same outputs and
-  parameter gradients through qkv, QK-norm, RoPE and the output projection."""
-  spec = dict(width=32, heads=4, qk_norm=True, causal=causal, rope_dtype='float32')
-  ours = layers.Attention(layers.BlockSpec(attention='cpu', **spec))
-  reference = layers.Attention(layers.BlockSpec(attention='xla', **spec))
-  x = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 32))
-  angles = jax.random.uniform(jax.random.PRNGKey(3), (6, 8)) * 3.0  # 6 rotated tokens, 1 prefix
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
-  params = jax.jit(reference.init)(jax.random.PRNGKey(4), x, sin, cos)
-
-  def loss(module, p):
-    return jnp.sum(jnp.tanh(module.apply(p, x, sin, cos)))
-
-  np.testing.assert_allclose(np.asarray(jax.jit(ours.apply)(params, x, sin, cos)),
-                             np.asarray(jax.jit(reference.apply)(params, x, sin, cos)),
-                             rtol=1e-5, atol=1e-6)
-  grad = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)
-  got, want = grad(ours, params), grad(reference, params)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
