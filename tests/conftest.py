@@ -39,6 +39,13 @@ import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
+from vtp_jax.models import cpu_attention  # noqa: E402
+
+# For tests of precision.attention='cpu', whose kernel is built with the system's C++ compiler.
+needs_cpp_compiler = pytest.mark.skipif(
+    cpu_attention.compiler() is None,
+    reason="precision.attention='cpu' is compiled on first use and no C++ compiler was found")
+
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / 'shared'
 FIXTURE = SHARED / 'fixtures' / 'vtp_reference_tiny'
 

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vtp_jax.models import attention, cpu_attention, layers
+from conftest import needs_cpp_compiler
+from vtp_jax.models import attention, layers
 
 
 def _numpy_attention(q, k, v, causal):
@@ -58,13 +59,8 @@ def test_gradients_match_autodiff_of_jax_nn(causal, dtype, tol):
                                atol=tol * scale, err_msg=f'd{name}')
 
 
-_NO_COMPILER = pytest.mark.skipif(
-    cpu_attention.compiler() is None,
-    reason="precision.attention='cpu' is compiled on first use and no C++ compiler was found")
-
-
 @pytest.mark.parametrize('causal', [False, True])
-@pytest.mark.parametrize('implementation', ['xla', pytest.param('cpu', marks=_NO_COMPILER)])
+@pytest.mark.parametrize('implementation', ['xla', pytest.param('cpu', marks=needs_cpp_compiler)])
 def test_attention_module_layouts_agree(implementation, causal):
   """attention='xla' (heads-first, this kernel) or 'cpu' (heads-first, cpu_attention's compiled
   kernel) and 'jax' (jax.nn, tokens-first) share parameters and must give the same outputs and

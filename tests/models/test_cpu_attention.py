@@ -9,12 +9,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import needs_cpp_compiler
 from vtp_jax import sharding
 from vtp_jax.models import cpu_attention
 
-pytestmark = pytest.mark.skipif(
-    cpu_attention.compiler() is None,
-    reason="precision.attention='cpu' is compiled on first use and no C++ compiler was found")
+pytestmark = needs_cpp_compiler
 
 
 def _numpy_forward_backward(q, k, v, d_out, causal):
