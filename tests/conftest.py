@@ -27,24 +27,27 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _xla_cache
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
-# precision.attention='cpu' compiles its kernel into a cache on first use: a fresh one per session,
-# so every run builds it from the source it tests.
+# The 'cpu' attention and dense kernels are compiled into a cache on first use: a fresh cache per
+# session, so every run builds them from the source it tests.
 if 'VTP_JAX_KERNEL_CACHE' not in os.environ:
   _kernel_cache = tempfile.mkdtemp(prefix='vtp_jax_tests_kernels_')
   atexit.register(shutil.rmtree, _kernel_cache, ignore_errors=True)
   os.environ['VTP_JAX_KERNEL_CACHE'] = _kernel_cache
 
 import jax  # noqa: E402  (must come after the flag)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-from vtp_jax.models import cpu_attention  # noqa: E402
+from vtp_jax.models import cpu_kernels  # noqa: E402
 
-# For tests of precision.attention='cpu', whose kernel is built with the system's C++ compiler.
+# For tests of precision.attention='cpu' and precision.dense='cpu', whose kernels are built with the
+# system's C++ compiler.
 needs_cpp_compiler = pytest.mark.skipif(
-    cpu_attention.compiler() is None,
-    reason="precision.attention='cpu' is compiled on first use and no C++ compiler was found")
+    cpu_kernels.compiler() is None,
+    reason="the 'cpu' kernels are compiled on first use and no C++ compiler was found")
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / 'shared'
 FIXTURE = SHARED / 'fixtures' / 'vtp_reference_tiny'
@@ -132,3 +135,32 @@ def assert_abstract_state_describes(state, config, mesh):
     assert (got.shape, got.dtype) == (want.shape, want.dtype), path
     assert got.sharding.is_equivalent_to(want.sharding, want.ndim), (path, got.sharding,
                                                                      want.sharding)
+
+
+def assert_blocks_agree(ours, reference, x, *, first_output=False, out_atol=1e-6, grad_atol=1e-6):
+  """Two block-level modules that should be the same function with the same parameters (two
+  implementations of one layer): the parameter trees match, and so do the outputs on `x` and the
+  parameter gradients of sum(tanh(output)). RoPE tables for 6 rotated tokens after 1 prefix token
+  are passed as (x, sin, cos); `first_output` takes element 0 of a tuple output (Block's).
+  Returns the jitted gradient function (module, params) and the parameters, for checks on the
+  compiled program. Jitted throughout: op by op, every random draw and op compiles on its own."""
+  angles = jax.random.uniform(jax.random.PRNGKey(3), (6, 8)) * 3.0
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  params = jax.jit(ours.init)(jax.random.PRNGKey(4), x, sin, cos)
+  assert jax.tree.structure(params) == jax.tree.structure(
+      jax.eval_shape(reference.init, jax.random.PRNGKey(4), x, sin, cos))
+
+  def output(module, p):
+    out = module.apply(p, x, sin, cos)
+    return out[0] if first_output else out
+
+  np.testing.assert_allclose(np.asarray(jax.jit(output, static_argnums=0)(ours, params)),
+                             np.asarray(jax.jit(output, static_argnums=0)(reference, params)),
+                             rtol=1e-5, atol=out_atol)
+  grad = jax.jit(jax.grad(lambda module, p: jnp.sum(jnp.tanh(output(module, p))), argnums=1),
+                 static_argnums=0)
+  got, want = grad(ours, params), grad(reference, params)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=grad_atol,
+                               err_msg=jax.tree_util.keystr(path))
+  return grad, params

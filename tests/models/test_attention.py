@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import needs_cpp_compiler
+from conftest import assert_blocks_agree, needs_cpp_compiler
 from vtp_jax.models import attention, layers
 
 
@@ -68,25 +68,7 @@ def test_attention_module_layouts_agree(implementation, causal):
   spec = dict(width=32, heads=4, qk_norm=True, causal=causal, rope_dtype='float32')
   ours = layers.Attention(layers.BlockSpec(attention=implementation, **spec))
   reference = layers.Attention(layers.BlockSpec(attention='jax', **spec))
-  x = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 32))
-  angles = jax.random.uniform(jax.random.PRNGKey(3), (6, 8)) * 3.0  # 6 rotated tokens, 1 prefix
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
-  # Jitted throughout: op-by-op dispatch compiles every random draw and op on its own (most of the
-  # time this test took).
-  params = jax.jit(ours.init)(jax.random.PRNGKey(4), x, sin, cos)
-  assert jax.tree.structure(params) == jax.tree.structure(
-      jax.eval_shape(reference.init, jax.random.PRNGKey(4), x, sin, cos))
-
-  def loss(module, p):
-    return jnp.sum(jnp.tanh(module.apply(p, x, sin, cos)))
-
-  np.testing.assert_allclose(np.asarray(jax.jit(ours.apply)(params, x, sin, cos)),
-                             np.asarray(jax.jit(reference.apply)(params, x, sin, cos)),
-                             rtol=1e-5, atol=1e-6)
-  grad = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)
-  got, want = grad(ours, params), grad(reference, params)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+  assert_blocks_agree(ours, reference, jax.random.normal(jax.random.PRNGKey(2), (2, 7, 32)))
 
 
 def test_unknown_attention_implementation_is_named():

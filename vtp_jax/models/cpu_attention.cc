@@ -1,68 +1,25 @@
-// Softmax attention for XLA:CPU as two FFI handlers (forward, backward), built by cpu_attention.py.
+// Softmax attention for XLA:CPU as two FFI handlers (forward, backward), built by cpu_kernels.py.
 //
 // Why it exists: XLA:CPU has no fused attention; its batched (tokens x 64 x tokens) matmuls run at
 // 18-30 GFLOP/s on small CPUs, about half of what one BLAS call per (batch, head) slice reaches.
-// Here each slice is computed with BLAS sgemm (scipy's OpenBLAS, whose address Python passes in)
-// and a fused row softmax, and the slices are spread over XLA's own intra-op thread pool, one
-// single-threaded BLAS call at a time per thread.
+// Here each slice is computed with BLAS sgemm and a fused row softmax, and the slices are spread
+// over XLA's own intra-op thread pool, one single-threaded BLAS call at a time per thread
+// (cpu_blas.h).
 //
 // Layout: heads-first, row-major (..., tokens, head_dim) float32, as models/attention.py. The
 // forward returns the output and the probabilities P (saved for the backward, as attention.py
-// does). BLAS is column-major: a row-major (r x c) matrix is the column-major (c x r) one, so
-// every product below is written for the transposes.
+// does). Every product below is written for BLAS's column-major view of the row-major arrays.
 
-#include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
-#include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_blas.h"
 
 namespace {
 
-// The reference BLAS sgemm signature, as scipy.linalg.cython_blas exports it.
-using Sgemm = void (*)(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-
-// OpenBLAS's `int openblas_set_num_threads_local(int)` (0.3.27+), or null for other BLAS libraries.
-using SetThreadsLocal = int (*)(int);
-
-std::atomic<Sgemm> g_sgemm{nullptr};
-std::atomic<SetThreadsLocal> g_set_threads_local{nullptr};
-
-// Each slice's products run on one thread: the slices are already spread over XLA's threads, and
-// OpenBLAS's own threads would oversubscribe the cores and, spinning after each call, slow XLA's
-// next ops. Thread-local in OpenBLAS, so other callers in the process keep their setting.
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() : set_(g_set_threads_local.load(std::memory_order_relaxed)) {
-    if (set_ != nullptr) previous_ = set_(1);
-  }
-  ~SingleThreadedBlas() {
-    if (set_ != nullptr) set_(previous_);
-  }
-
- private:
-  SetThreadsLocal set_;
-  int previous_ = 1;
-};
-
-// C (m x n, column-major) = alpha * op(A) op(B) + beta * C.
-void Gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
-          const float* b, int ldb, float beta, float* c, int ldc) {
-  g_sgemm.load(std::memory_order_relaxed)(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta,
-                                          c, &ldc);
-}
+using namespace vtp_cpu;  // NOLINT: the shared BLAS and thread-pool helpers
 
 // exp(x) for x <= 0 (softmax arguments after the row max is subtracted), written branch-free so
 // that the compiler vectorises the row loops. Cody-Waite range reduction and a degree-6
@@ -88,35 +45,6 @@ inline float ExpNonPositive(float x) {
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return underflow ? 0.0f : p * two_n;
-}
-
-// Runs body(i) for i in [0, n) on the caller's thread and up to (pool threads - 1) helpers. The
-// caller claims work too and only waits for items already taken, so a pool that runs tasks late,
-// inline or one at a time cannot deadlock it. The shared state outlives helpers that start after
-// the end.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, Body body) {
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mu;
-    std::condition_variable all_done;
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, n, body]() {
-    for (int64_t i = shared->next.fetch_add(1); i < n; i = shared->next.fetch_add(1)) {
-      body(i);
-      if (shared->done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(shared->mu);
-        shared->all_done.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));  // a copy per task
-  work();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->all_done.wait(lock, [&] { return shared->done.load() == n; });
 }
 
 // Per-thread scratch, reused across calls: a (tokens x tokens) buffer freshly allocated for every
@@ -145,7 +73,7 @@ ffi::Error CheckDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>
   if (kd.back() != d.head_dim || vd.back() != d.head_dim || vd[vd.size() - 2] != d.k_len)
     return ffi::Error::InvalidArgument("k and v must be (..., keys, head_dim) like q");
   if (g_sgemm.load() == nullptr)
-    return ffi::Error::Internal("vtp_attention: sgemm was not set (cpu_attention.py's load())");
+    return ffi::Error::Internal("vtp_attention: sgemm was not set (cpu_kernels.py's load())");
   return ffi::Error::Success();
 }
 
@@ -237,11 +165,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 }
 
 }  // namespace
-
-extern "C" void vtp_attention_set_blas(void* sgemm, void* set_threads_local) {
-  g_sgemm.store(reinterpret_cast<Sgemm>(sgemm));
-  g_set_threads_local.store(reinterpret_cast<SetThreadsLocal>(set_threads_local));
-}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VtpAttentionForward, Forward,
                               ffi::Ffi::Bind()

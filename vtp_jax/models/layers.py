@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from vtp_jax.models import attention as attention_lib
 from vtp_jax.models import cpu_attention
+from vtp_jax.models import cpu_dense
 from vtp_jax.models import rope as rope_lib
 
 # Initialisers of the reference (spec 1.13): trunc-normal(0.02) linears, zero biases, unit norms.
@@ -54,6 +55,7 @@ class BlockSpec:
   # 'xla': attention.py; 'cpu': cpu_attention.py's compiled kernel; 'jax' or 'cudnn':
   # jax.nn.dot_product_attention
   attention: str = 'xla'
+  dense: str = 'xla'  # the linear layers: 'xla' (jnp), or 'cpu' (cpu_dense.py's BLAS kernel)
   drop_path_mode: str = 'subset'  # 'subset' (DINOv2) or 'sample' (Bernoulli per sample)
   causal: bool = False  # causal self-attention (text tower)
   # 'vit': trunc-normal(0.02) everywhere (the reference); 'fan_in': trunc-normal(fan_in^-0.5);
@@ -72,6 +74,9 @@ class BlockSpec:
       raise ValueError(f"precision.attention={self.attention!r}; use 'xla' (models/attention.py), "
                        "'cpu' (models/cpu_attention.py, a compiled float32 CPU kernel), "
                        "'jax' (jax.nn.dot_product_attention's XLA path) or 'cudnn' (GPU).")
+    if self.dense not in ('xla', 'cpu'):
+      raise ValueError(f"precision.dense={self.dense!r}; use 'xla' or 'cpu' (models/cpu_dense.py, "
+                       "a compiled float32 CPU kernel).")
     if self.init not in ('vit', 'fan_in', 'openclip'):
       raise ValueError(f"model.encoder/decoder.init={self.init!r}; use 'vit' (trunc-normal "
                        "0.02, the reference) or 'fan_in' (trunc-normal fan_in^-0.5).")
@@ -174,12 +179,15 @@ def make_norm(kind: str, eps: float, name: str):
   return RMSNorm(eps=eps, name=name) if kind == 'rmsnorm' else LayerNorm(eps=eps, name=name)
 
 
-def dense(features, in_axis: str, out_axis: str, name: str, dtype, use_bias=True, init=DENSE_INIT):
-  """A Dense layer with float32 parameters, `dtype` compute and logical axes on kernel and bias."""
+def dense(features, in_axis: str, out_axis: str, name: str, dtype, use_bias=True, init=DENSE_INIT,
+          impl: str = 'xla'):
+  """A Dense layer with float32 parameters, `dtype` compute and logical axes on kernel and bias;
+  `impl='cpu'` multiplies with cpu_dense.py's kernel (precision.dense)."""
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
       kernel_init=param_with_axes(init, (in_axis, out_axis)),
-      bias_init=param_with_axes(ZEROS, (out_axis,)))
+      bias_init=param_with_axes(ZEROS, (out_axis,)),
+      dot_general=cpu_dense.dot_general if impl == 'cpu' else None)
 
 
 class DenseND(nn.Module):
@@ -189,6 +197,7 @@ class DenseND(nn.Module):
   partitioning metadata (the names describe the unflattened shape); this creates it whole.
   `equation` (an einsum of x and the kernel) replaces the default contraction when the output
   should come out in another axis order; `bias_shape` then says how the bias broadcasts onto it.
+  `impl='cpu'` contracts with cpu_dense.py's kernel (precision.dense).
   """
   out_shape: tuple
   in_ndim: int
@@ -198,6 +207,7 @@ class DenseND(nn.Module):
   init: Any = DENSE_INIT
   equation: str | None = None
   bias_shape: tuple | None = None
+  impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, in_shape: tuple | None = None):
@@ -205,7 +215,10 @@ class DenseND(nn.Module):
     kernel = self.param('kernel', param_with_axes(self.init, self.kernel_axes),
                         in_shape + tuple(self.out_shape), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if self.equation:
+    if self.impl == 'cpu':
+      y = (cpu_dense.einsum(self.equation, x, kernel, self.in_ndim) if self.equation
+           else cpu_dense.matmul(x, kernel, self.in_ndim))
+    elif self.equation:
       y = jnp.einsum(self.equation, x, kernel)
     else:
       y = jnp.tensordot(x, kernel, axes=self.in_ndim)
@@ -224,14 +237,19 @@ class Mlp(nn.Module):
   def __call__(self, x):
     s, dtype = self.spec, dtype_of(self.spec.dtype)
     if s.mlp == 'swiglu':
-      gate = dense(s.mlp_hidden, 'embed', 'mlp', 'w1', dtype, init=s.init_for('fc'))(x)
-      value = dense(s.mlp_hidden, 'embed', 'mlp', 'w2', dtype, init=s.init_for('fc'))(x)
+      gate = dense(s.mlp_hidden, 'embed', 'mlp', 'w1', dtype, init=s.init_for('fc'),
+                   impl=s.dense)(x)
+      value = dense(s.mlp_hidden, 'embed', 'mlp', 'w2', dtype, init=s.init_for('fc'),
+                   impl=s.dense)(x)
       hidden = nn.with_logical_constraint(nn.silu(gate) * value, ('act_batch', 'act_seq', 'act_mlp'))
-      return dense(s.width, 'mlp', 'embed', 'w3', dtype, init=s.init_for('fc_out'))(hidden)
-    hidden = dense(s.mlp_hidden, 'embed', 'mlp', 'fc1', dtype, init=s.init_for('fc'))(x)
+      return dense(s.width, 'mlp', 'embed', 'w3', dtype, init=s.init_for('fc_out'),
+                   impl=s.dense)(hidden)
+    hidden = dense(s.mlp_hidden, 'embed', 'mlp', 'fc1', dtype, init=s.init_for('fc'),
+                   impl=s.dense)(x)
     hidden = nn.with_logical_constraint(nn.gelu(hidden, approximate=False),
                                         ('act_batch', 'act_seq', 'act_mlp'))
-    return dense(s.width, 'mlp', 'embed', 'fc2', dtype, init=s.init_for('fc_out'))(hidden)
+    return dense(s.width, 'mlp', 'embed', 'fc2', dtype, init=s.init_for('fc_out'),
+                   impl=s.dense)(hidden)
 
 
 class Attention(nn.Module):
@@ -251,7 +269,7 @@ class Attention(nn.Module):
     heads_first = s.attention in ('xla', 'cpu')
     qkv = DenseND((3, s.heads, s.head_dim), 1, ('embed', 'qkv', 'heads', 'head_dim'),
                   ('qkv', 'heads', 'head_dim') if s.qkv_bias else None, dtype,
-                  s.init_for('qkv'), name='qkv',
+                  s.init_for('qkv'), name='qkv', impl=s.dense,
                   equation='btd,dknh->kbnth' if heads_first else 'btd,dknh->kbtnh',
                   bias_shape=((3, 1, s.heads, 1, s.head_dim) if heads_first
                               else (3, 1, 1, s.heads, s.head_dim)))(x)
@@ -275,7 +293,7 @@ class Attention(nn.Module):
           q, k, v, is_causal=s.causal, implementation=None if s.attention == 'jax' else s.attention)
     out = nn.with_logical_constraint(out, names)
     return DenseND((s.width,), 2, ('heads', 'head_dim', 'embed'), ('embed',), dtype,
-                   s.init_for('proj'), name='proj',
+                   s.init_for('proj'), name='proj', impl=s.dense,
                    equation='bnth,nhd->btd' if heads_first else 'btnh,nhd->btd')(
                        out, in_shape=(s.heads, s.head_dim))
 

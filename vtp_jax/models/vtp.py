@@ -50,7 +50,8 @@ def _block_spec(tower, precision, **overrides) -> layers.BlockSpec:
       qkv_bias=tower.get('qkv_bias', True), qk_norm=tower.get('qk_norm', False),
       layerscale=tower.get('layerscale', 0.0), init=tower.get('init', 'vit'),
       dtype=precision.compute_dtype,
-      rope_dtype=precision.rope_dtype, attention=precision.attention)
+      rope_dtype=precision.rope_dtype, attention=precision.attention,
+      dense=precision.get('dense', 'xla'))
   fields.update(overrides)
   return layers.BlockSpec(**fields)
 
