@@ -56,6 +56,7 @@ def compiler() -> str | None:
   return None
 
 
+@functools.cache  # every traced call asks: hash the sources once per process, not per layer
 def _build(option: str) -> pathlib.Path:
   """Compiles the kernels (once per source, jaxlib and CPU) and returns the library's path.
   `option` is the config setting that asked for them, for the error messages."""
