@@ -131,7 +131,7 @@ def main(argv):
                  'remat': config.precision.remat_policy,
                  'scan_layers': config.precision.scan_layers,
                  'attention': config.precision.attention,
-                 'dense': config.precision.get('dense', 'xla')},
+                 'dense': config.precision.dense},
       'devices': [str(d.device_kind) for d in jax.devices()][:1] + [len(jax.devices())],
       'mesh': dict(mesh.shape),
       'flops_analytic': analytic,

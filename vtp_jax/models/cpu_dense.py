@@ -94,8 +94,9 @@ def einsum(equation: str, x: jax.Array, kernel: jax.Array, in_ndim: int) -> jax.
   x_axes, kernel_axes = operands.split(',')
   contracted, new = kernel_axes[:in_ndim], kernel_axes[in_ndim:]
   free = ''.join(a for a in x_axes if a not in contracted)
-  if (sorted(x_axes) != sorted(free + contracted) or set(new) & set(x_axes)
-      or sorted(out) != sorted(free + new) or len(set(x_axes + new)) != len(x_axes + new)):
+  all_axes = x_axes + new
+  if (len(set(all_axes)) != len(all_axes) or not set(contracted) <= set(x_axes)
+      or sorted(out) != sorted(free + new)):
     raise ValueError(f'{OPTION}: {equation!r} is not a dense-layer contraction (x\'s axes = free '
                      f'+ the kernel\'s first {in_ndim}, output = free + the kernel\'s others).')
   x = jnp.transpose(x, [x_axes.index(a) for a in free + contracted])
