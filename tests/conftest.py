@@ -1,5 +1,5 @@
-"""Test-wide setup: eight fake CPU devices, so sharding is exercised for real, and one persistent
-compilation cache per test session.
+"""Test-wide setup: eight fake CPU devices, so sharding is exercised for real, LLVM at -O0, and one
+persistent compilation cache per test session.
 
 XLA reads the device count once, when jax first initialises its CPU backend; this file is imported by
 pytest before any test module, so setting the flag here (before `import jax`) is early enough.
@@ -11,8 +11,17 @@ import pathlib
 import shutil
 import tempfile
 
-os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+# LLVM at -O0 for every program the tests compile, in process and in the launch/main.py
+# subprocesses: the suite is compile-bound (micro models whose steps take milliseconds), and -O0
+# compiles the train step about 40% faster (it took a quarter off the whole suite; see the
+# benchmarks' twelfth session). XLA's own HLO passes (fusion, sharding, simplification) run as in
+# production; what changes is that LLVM does not contract a multiply and an add into one FMA, so a
+# program's float32 arithmetic is NumPy's, rounding for rounding (test_step.py relies on it).
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+# Appended after the caller's XLA_FLAGS, so these win over a repeated flag.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8 ' + FAST_COMPILE).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # One persistent XLA compilation cache per test session, which the launch/main.py subprocesses
@@ -101,9 +110,6 @@ def adamw_config(**overrides):
 
 # micro_config as a config file for launch/main.py subprocesses (test_loop.py, test_launch.py):
 # a subprocess must not import this file, which forces 8 devices. CLIP and reconstruction only.
-# LLVM at -O0: compiles about twice as fast; the micro model's steps take milliseconds anyway.
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-
 MICRO_CONFIG = '''
 from configs import vtp_tiny
 

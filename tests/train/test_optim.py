@@ -77,11 +77,6 @@ def _path(path):
   return '/'.join(_names(path))
 
 
-# Compile time dominates these tests (the updates run in microseconds); XLA's cheapest CPU
-# backend level halves it and cannot change the f32 arithmetic being checked.
-FAST = {'xla_backend_optimization_level': '0'}
-
-
 def run(c, params, grads_seq, scanned, total_steps=10):
   """Updates (NumPy) and final state from feeding `grads_seq` to the optimizer at fixed params."""
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
@@ -89,8 +84,8 @@ def run(c, params, grads_seq, scanned, total_steps=10):
   if not grads_seq:
     return [], None
   # One compile for init and one for update, reused by every step (faster here than a lax.scan).
-  state = jax.jit(tx.init, compiler_options=FAST)(params)
-  update = jax.jit(tx.update, compiler_options=FAST)
+  state = jax.jit(tx.init)(params)
+  update = jax.jit(tx.update)
   out = []
   for g in grads_seq:
     u, state = update(g, state, params)
@@ -259,7 +254,7 @@ def _norm(tree) -> float:
 
 def _apply(tx, params, *grads):
   """Fresh-state updates of `tx` for each gradient tree (one compile, same shapes); NumPy out."""
-  fn = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0], compiler_options=FAST)
+  fn = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])
   return [jax.tree.map(np.asarray, fn(g, params)) for g in grads]
 
 
