@@ -24,8 +24,9 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8 ' + FAST_COMPILE).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-# One persistent XLA compilation cache per test session, which the launch/main.py subprocesses
-# inherit through the environment. Many tests compile the same micro-model programs (the state
+# One persistent XLA compilation cache per test session, which the pytest-xdist workers and the
+# launch/main.py subprocesses inherit through the environment (the controller process imports this
+# file first). Workers writing at once are safe enough: JAX reads an unreadable entry as a miss. Many tests compile the same micro-model programs (the state
 # init, the train step) from fresh closures, which jit's in-memory cache cannot match; the
 # persistent cache keys on the program itself (HLO, compile options, devices, versions). A fresh
 # folder per session keeps one run independent of the last. JAX_COMPILATION_CACHE_DIR set by the
