@@ -26,11 +26,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # One persistent XLA compilation cache per test session, which the pytest-xdist workers and the
 # launch/main.py subprocesses inherit through the environment (the controller process imports this
-# file first). Workers writing at once are safe enough: JAX reads an unreadable entry as a miss. Many tests compile the same micro-model programs (the state
-# init, the train step) from fresh closures, which jit's in-memory cache cannot match; the
-# persistent cache keys on the program itself (HLO, compile options, devices, versions). A fresh
-# folder per session keeps one run independent of the last. JAX_COMPILATION_CACHE_DIR set by the
-# caller is left alone.
+# file first). Workers writing at once are safe enough: JAX reads an unreadable entry as a miss.
+# Many tests compile the same micro-model programs (the state init, the train step) from fresh
+# closures, which jit's in-memory cache cannot match; the persistent cache keys on the program
+# itself (HLO, compile options, devices, versions). A fresh folder per session keeps one run
+# independent of the last. JAX_COMPILATION_CACHE_DIR set by the caller is left alone.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _xla_cache = tempfile.mkdtemp(prefix='vtp_jax_tests_xla_cache_')
   atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
