@@ -16,6 +16,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from vtp_jax import host_malloc  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/vtp_tiny.py',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'checkpoints, metrics.jsonl, TensorBoard go here')
@@ -32,7 +34,10 @@ class _QuietOrbax:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # First, before JAX starts: this may restart the process under glibc malloc tunables.
+  malloc_line = host_malloc.apply(_CONFIG.value.train.get('host_malloc', 'system'))
   logging.get_absl_logger().addFilter(_QuietOrbax())
+  logging.info('%s', malloc_line)
   from vtp_jax.train import loop  # local: flags parse (and --help) before jax starts
   try:
     summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

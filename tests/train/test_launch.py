@@ -5,6 +5,7 @@ parse as shell."""
 import json
 import os
 import pathlib
+import platform
 import re
 import subprocess
 import sys
@@ -66,6 +67,8 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(launch_env,
       capture_output=True, text=True, cwd=REPO, timeout=900)
   assert one.returncode == 0, one.stderr[-4000:]
   assert re.search(r'Process 0 of 1; 1 local / 1 global devices', one.stderr)
+  if platform.libc_ver()[0] == 'glibc':  # main.py restarted itself under train.host_malloc='retain'
+    assert "host malloc: GLIBC_TUNABLES='glibc.malloc.arena_max=1:" in one.stderr, one.stderr[-4000:]
   assert re.search(r'Resumed from .*/checkpoints/4\.', one.stderr), one.stderr[-4000:]
   assert 'no data-iterator state for 1 process' in one.stderr  # re-positioned, not restarted
   assert checkpointing.latest_step_dir(work).name == '40'

@@ -93,6 +93,8 @@ def _read_trace(trace_dir: pathlib.Path) -> list:
 
 def main(argv):
   del argv
+  from vtp_jax import host_malloc  # first, before JAX starts: it may restart the process
+  malloc_line = host_malloc.apply(_CONFIG.value.train.get('host_malloc', 'system'))
   import jax
 
   from vtp_jax.bench import common
@@ -118,7 +120,7 @@ def main(argv):
                                   for op, micros in op_durations(events).items()})
   report = {'steps_traced': FLAGS.steps, 'step_time_s_traced': traced_s / FLAGS.steps,
             **breakdown(per_step, op_names(compiled.as_text()), FLAGS.top),
-            'jax': jax.__version__}
+            'host_malloc': malloc_line, 'jax': jax.__version__}
   print(json.dumps(report, indent=1))
 
 

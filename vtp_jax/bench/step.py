@@ -72,6 +72,8 @@ def _peak_memory(compiled) -> dict:
 
 def main(argv):
   del argv
+  from vtp_jax import host_malloc  # first, before JAX starts: it may restart the process
+  malloc_line = host_malloc.apply(_CONFIG.value.train.get('host_malloc', 'system'))
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -150,6 +152,7 @@ def main(argv):
                      if rates_after_steps else None),
       'memory': _peak_memory(compiled),
       'final_loss': float(np.asarray(metrics['loss'])),
+      'host_malloc': malloc_line,
       'jax': jax.__version__,
   }
   print(json.dumps(report, indent=1))

@@ -1,0 +1,70 @@
+"""The host memory allocator a run starts under: glibc malloc's tunables (`train.host_malloc`),
+applied by re-executing the process before JAX starts.
+
+Why: XLA:CPU takes each execution's temporary buffer (2.3 GB for the `vtp_s` autoencoder step at
+batch 8) from malloc, and glibc serves every request over 32 MB with a fresh mmap that it unmaps on
+free. Every step then page-faults its whole working set in again: 560,000 faults and 2.6 s of kernel
+time in a 7-9 s step on 2 cores (docs/benchmarks.md, thirteenth session). glibc reads its tunables
+only when a process starts (the GLIBC_TUNABLES variable), hence the re-exec: entry points
+(launch/main.py, the benchmarks) call `apply` first thing, the process starts again with the
+variable set, and that second start returns at once.
+
+The modes:
+  - 'retain': one malloc arena on the sbrk heap, no mmap'ed chunks, and freed memory kept, so the
+    step's buffer is reused from the second step on: no page faults at all. One arena serialises
+    malloc across threads, which suits CPU training (XLA allocates a few large buffers a step) more
+    than a host decoding images on dozens of threads.
+  - 'hugepages': malloc's own mappings get transparent huge pages (madvise), 512 times fewer faults;
+    threads keep their own arenas. Needs THP in 'madvise' or 'always' mode.
+  - 'system': leave malloc as the environment has it.
+A GLIBC_TUNABLES that already sets any glibc.malloc tunable is the user's choice and left alone; on
+other C libraries (macOS, musl) `apply` does nothing.
+"""
+
+import os
+import platform
+import sys
+
+VARIABLE = 'GLIBC_TUNABLES'
+_NEVER_TRIM = 1 << 40  # bytes of free heap top glibc may keep before giving memory back (1 TiB)
+MODES = {
+    'retain': (f'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+               f'glibc.malloc.trim_threshold={_NEVER_TRIM}'),
+    'hugepages': 'glibc.malloc.hugetlb=1',
+    'system': '',
+}
+
+
+def tunables_for(mode: str, current: str | None) -> str | None:
+  """The GLIBC_TUNABLES value `mode` wants, given the current one; None when nothing should change
+  (mode 'system', or the user already set a malloc tunable)."""
+  if mode not in MODES:
+    raise ValueError(f'train.host_malloc={mode!r}; use one of {sorted(MODES)} '
+                     '(vtp_jax/host_malloc.py says what each does).')
+  if not MODES[mode] or 'glibc.malloc.' in (current or ''):
+    return None
+  return f'{current}:{MODES[mode]}' if current else MODES[mode]
+
+
+def _restartable() -> bool:
+  """A process can start again only from a command line: not from a script piped into stdin, and
+  not from an embedded interpreter that has no original argv."""
+  argv = getattr(sys, 'orig_argv', None)
+  return bool(argv) and argv[-1] != '-' and bool(sys.executable)
+
+
+def apply(mode: str) -> str:
+  """Restarts this process with `mode`'s malloc tunables unless it already runs under them (or under
+  the user's own); returns a line saying which, for the log. Call before anything starts threads
+  or devices: the process image is replaced, so nothing done before the call survives it."""
+  wanted = tunables_for(mode, os.environ.get(VARIABLE))
+  if platform.libc_ver()[0] != 'glibc':
+    return f'host malloc: {mode!r} needs glibc; this C library is left as it is'
+  if wanted is None:
+    return f'host malloc: {VARIABLE}={os.environ.get(VARIABLE, "")!r} (train.host_malloc={mode!r})'
+  if not _restartable():
+    return f'host malloc: cannot restart this process to set {VARIABLE}; left as it is'
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, sys.orig_argv, {**os.environ, VARIABLE: wanted})
+  raise AssertionError('unreachable: execve returns only by raising')  # pragma: no cover
