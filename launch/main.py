@@ -35,7 +35,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # First, before JAX starts: this may restart the process under glibc malloc tunables.
-  malloc_line = host_malloc.apply(_CONFIG.value.train.get('host_malloc', 'system'))
+  malloc_line = host_malloc.apply(host_malloc.mode_of(_CONFIG.value))
   logging.get_absl_logger().addFilter(_QuietOrbax())
   logging.info('%s', malloc_line)
   from vtp_jax.train import loop  # local: flags parse (and --help) before jax starts

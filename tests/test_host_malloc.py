@@ -99,3 +99,15 @@ def test_hugepages_cut_the_faults_of_a_reused_large_buffer():
   huge = int(_run(_FAULTS.format(repo=str(REPO), mode='hugepages')).stdout)
   # 2 MiB pages: 512 times fewer faults than 4 KiB ones where the kernel can find huge pages.
   assert huge < 0.1 * pages, (huge, pages)
+
+
+@needs_glibc
+def test_a_program_read_from_stdin_runs_on_without_a_restart():
+  # Starting again would read the already consumed stdin and run nothing: apply must not.
+  code = (f'import sys; sys.path.insert(0, {str(REPO)!r}); from vtp_jax import host_malloc; '
+          'print(host_malloc.apply("retain"))')
+  environ = {k: v for k, v in os.environ.items() if k != host_malloc.VARIABLE}
+  run = subprocess.run([sys.executable, '-'], input=code, env=environ, capture_output=True,
+                       text=True, timeout=120, check=True)
+  assert run.stdout.strip() == ('host malloc: cannot restart this process to set GLIBC_TUNABLES; '
+                                'left as it is')

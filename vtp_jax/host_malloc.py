@@ -47,10 +47,15 @@ def tunables_for(mode: str, current: str | None) -> str | None:
 
 
 def _restartable() -> bool:
-  """A process can start again only from a command line: not from a script piped into stdin, and
-  not from an embedded interpreter that has no original argv."""
-  argv = getattr(sys, 'orig_argv', None)
-  return bool(argv) and argv[-1] != '-' and bool(sys.executable)
+  """A process can start again only from its command line: not when its program came from stdin
+  (sys.argv[0] '-') or from an interactive or embedded interpreter (no program, or no orig_argv)."""
+  return bool(getattr(sys, 'orig_argv', None)) and bool(sys.executable) and (
+      bool(sys.argv) and sys.argv[0] not in ('', '-'))
+
+
+def mode_of(config) -> str:
+  """The config's `train.host_malloc`; 'system' for configs written before the key existed."""
+  return config.train.get('host_malloc', 'system')
 
 
 def apply(mode: str) -> str:

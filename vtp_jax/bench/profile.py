@@ -94,7 +94,7 @@ def _read_trace(trace_dir: pathlib.Path) -> list:
 def main(argv):
   del argv
   from vtp_jax import host_malloc  # first, before JAX starts: it may restart the process
-  malloc_line = host_malloc.apply(_CONFIG.value.train.get('host_malloc', 'system'))
+  malloc_line = host_malloc.apply(host_malloc.mode_of(_CONFIG.value))
   import jax
 
   from vtp_jax.bench import common

@@ -73,7 +73,7 @@ def _peak_memory(compiled) -> dict:
 def main(argv):
   del argv
   from vtp_jax import host_malloc  # first, before JAX starts: it may restart the process
-  malloc_line = host_malloc.apply(_CONFIG.value.train.get('host_malloc', 'system'))
+  malloc_line = host_malloc.apply(host_malloc.mode_of(_CONFIG.value))
   import jax
   import jax.numpy as jnp
   import numpy as np
