@@ -15,6 +15,9 @@ from vtp_jax import host_malloc
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GLIBC = platform.libc_ver()[0] == 'glibc'
 needs_glibc = pytest.mark.skipif(not GLIBC, reason='malloc tunables are glibc-only')
+_THP = pathlib.Path('/sys/kernel/mm/transparent_hugepage/enabled')
+THP_OFF = not _THP.exists() or '[never]' in _THP.read_text()
+PAGES = 4 * (256 << 20) // os.sysconf('SC_PAGE_SIZE')  # the four counted rounds of a 256 MiB block
 
 # Takes and frees a 256 MiB block five times through libc's own malloc (NumPy would madvise huge
 # pages itself), touching every page, on a thread other than the main one (as XLA's executions
@@ -43,10 +46,16 @@ print(sum(faults[1:]))
 """
 
 
-def _run(code: str, **env) -> subprocess.CompletedProcess:
+def _run(code: str, from_stdin: bool = False, **env) -> subprocess.CompletedProcess:
+  """`code` in a fresh interpreter (as `-c`, or read from stdin), without our GLIBC_TUNABLES."""
   environ = {k: v for k, v in os.environ.items() if k != host_malloc.VARIABLE}
-  return subprocess.run([sys.executable, '-c', code], env={**environ, **env}, capture_output=True,
-                        text=True, timeout=120, check=True)
+  argv = [sys.executable, '-'] if from_stdin else [sys.executable, '-c', code]
+  return subprocess.run(argv, input=code if from_stdin else None, env={**environ, **env},
+                        capture_output=True, text=True, timeout=120, check=True)
+
+
+def _faults(mode: str) -> int:
+  return int(_run(_FAULTS.format(repo=str(REPO), mode=mode)).stdout)
 
 
 def test_tunables_per_mode_and_the_users_own_setting_wins():
@@ -81,24 +90,19 @@ def test_apply_restarts_once_with_the_variable_set():
 
 @needs_glibc
 def test_retain_stops_the_page_faults_of_a_reused_large_buffer():
-  pages = 4 * (256 << 20) // os.sysconf('SC_PAGE_SIZE')  # four rounds of a 256 MiB block
-  system = int(_run(_FAULTS.format(repo=str(REPO), mode='system')).stdout)
-  retain = int(_run(_FAULTS.format(repo=str(REPO), mode='retain')).stdout)
+  system, retain = _faults('system'), _faults('retain')
   # glibc's default mmaps and unmaps the block each round: every page faults again. Kept on the
   # heap, the block comes back already mapped.
-  assert system >= 0.9 * pages, (system, pages)
-  assert retain < 0.01 * pages, (retain, pages)
+  assert system >= 0.9 * PAGES, (system, PAGES)
+  assert retain < 0.01 * PAGES, (retain, PAGES)
 
 
 @needs_glibc
-@pytest.mark.skipif('[never]' in pathlib.Path('/sys/kernel/mm/transparent_hugepage/enabled').read_text()
-                    if pathlib.Path('/sys/kernel/mm/transparent_hugepage/enabled').exists() else True,
-                    reason='transparent huge pages are off (or absent) on this kernel')
+@pytest.mark.skipif(THP_OFF, reason='transparent huge pages are off (or absent) on this kernel')
 def test_hugepages_cut_the_faults_of_a_reused_large_buffer():
-  pages = 4 * (256 << 20) // os.sysconf('SC_PAGE_SIZE')
-  huge = int(_run(_FAULTS.format(repo=str(REPO), mode='hugepages')).stdout)
+  huge = _faults('hugepages')
   # 2 MiB pages: 512 times fewer faults than 4 KiB ones where the kernel can find huge pages.
-  assert huge < 0.1 * pages, (huge, pages)
+  assert huge < 0.1 * PAGES, (huge, PAGES)
 
 
 @needs_glibc
@@ -106,8 +110,6 @@ def test_a_program_read_from_stdin_runs_on_without_a_restart():
   # Starting again would read the already consumed stdin and run nothing: apply must not.
   code = (f'import sys; sys.path.insert(0, {str(REPO)!r}); from vtp_jax import host_malloc; '
           'print(host_malloc.apply("retain"))')
-  environ = {k: v for k, v in os.environ.items() if k != host_malloc.VARIABLE}
-  run = subprocess.run([sys.executable, '-'], input=code, env=environ, capture_output=True,
-                       text=True, timeout=120, check=True)
+  run = _run(code, from_stdin=True)
   assert run.stdout.strip() == ('host malloc: cannot restart this process to set GLIBC_TUNABLES; '
                                 'left as it is')

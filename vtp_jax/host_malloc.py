@@ -62,11 +62,12 @@ def apply(mode: str) -> str:
   """Restarts this process with `mode`'s malloc tunables unless it already runs under them (or under
   the user's own); returns a line saying which, for the log. Call before anything starts threads
   or devices: the process image is replaced, so nothing done before the call survives it."""
-  wanted = tunables_for(mode, os.environ.get(VARIABLE))
+  current = os.environ.get(VARIABLE)
+  wanted = tunables_for(mode, current)
   if platform.libc_ver()[0] != 'glibc':
     return f'host malloc: {mode!r} needs glibc; this C library is left as it is'
   if wanted is None:
-    return f'host malloc: {VARIABLE}={os.environ.get(VARIABLE, "")!r} (train.host_malloc={mode!r})'
+    return f'host malloc: {VARIABLE}={current or ""!r} (train.host_malloc={mode!r})'
   if not _restartable():
     return f'host malloc: cannot restart this process to set {VARIABLE}; left as it is'
   sys.stdout.flush()
