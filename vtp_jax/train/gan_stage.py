@@ -92,7 +92,7 @@ def create(config, mesh, rng_seed: int | None = None, *, abstract: bool = False)
 
   replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_state = jax.eval_shape(init_state, jax.random.key(seed))
+    abstract_state = jax.eval_shape(init_state, state_lib.abstract_key())
     shardings = state_lib.TrainState(
         step=replicated, params=param_shardings,
         opt_state=state_lib.opt_state_shardings(abstract_state.opt_state,
@@ -100,9 +100,11 @@ def create(config, mesh, rng_seed: int | None = None, *, abstract: bool = False)
         teacher={}, loss_state={}, rng=replicated,
         # The discriminator is a few MB of convolutions: replicated, batch-parallel under GSPMD.
         disc=jax.tree.map(lambda _: replicated, abstract_state.disc))
-    if abstract:
-      return sharding.with_shardings(abstract_state, shardings), shardings, tx
-    state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(seed))
+  if abstract:
+    return sharding.with_shardings(abstract_state, shardings), shardings, tx
+  key = jax.random.key(seed)  # outside the mesh context, as in state.create
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(init_state, out_shardings=shardings)(key)
   return state, shardings, tx
 
 

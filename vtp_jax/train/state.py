@@ -36,6 +36,13 @@ class TrainState:
   disc: dict
 
 
+def abstract_key():
+  """The shape and dtype of a PRNG key, made without running anything on any device: under
+  `jax.set_mesh` with a compile-only device list (a TPU topology on a CPU host), `jax.random.key`
+  would execute there and fail. Abstract state, batch and step are built from shapes alone."""
+  return jax.eval_shape(jax.random.key, 0)
+
+
 def teacher_of(params) -> dict:
   return {k: params[k] for k in TEACHER_KEYS}
 
@@ -92,7 +99,7 @@ def param_init(config, mesh):
     return model.init({'params': key}, images, tokens)['params']
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(init_params, jax.random.key(0))
+    boxed = jax.eval_shape(init_params, abstract_key())
     param_shardings = sharding.logical_to_sharding(boxed, mesh, rules)
     params_shape = sharding.unbox_without_constraint(boxed)
   return init_params, param_shardings, params_shape
@@ -124,14 +131,16 @@ def create(config, mesh, rng_seed: int | None = None, *, abstract: bool = False)
 
   replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_state = jax.eval_shape(init_state, jax.random.key(seed))
+    abstract_state = jax.eval_shape(init_state, abstract_key())
     shardings = TrainState(
         step=replicated, params=param_shardings,
         opt_state=opt_state_shardings(abstract_state.opt_state, param_shardings, mesh),
         teacher=teacher_of(param_shardings),
         loss_state=jax.tree.map(lambda _: replicated, abstract_state.loss_state),
         rng=replicated, disc={})
-    if abstract:
-      return sharding.with_shardings(abstract_state, shardings), shardings, tx
-    state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(seed))
+  if abstract:
+    return sharding.with_shardings(abstract_state, shardings), shardings, tx
+  key = jax.random.key(seed)  # outside the mesh context: made on the default device, then jit's input
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(init_state, out_shardings=shardings)(key)
   return state, shardings, tx
