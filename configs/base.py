@@ -187,7 +187,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.image_log_every = 1000  # steps per input-vs-reconstruction grid in TensorBoard; 0 = never
   c.train.image_log_count = 8  # images in that grid
   c.train.nan_policy = 'stop'  # non-finite loss: 'stop' (last good checkpoint kept) or 'skip' the update
-  c.train.host_malloc = 'retain'  # glibc malloc mode: 'retain', 'hugepages', 'system' (host_malloc.py)
+  c.train.host_malloc = 'auto'  # glibc malloc: 'auto' ('retain' on CPU hosts, else 'system'), 'retain', 'hugepages', 'system'
   c.train.peak_flops = 0.0  # peak FLOP/s of ALL devices together, for MFU on the console; 0 = no MFU
   c.train.distributed = ml_collections.ConfigDict()  # jax.distributed.initialize (several processes)
   c.train.distributed.mode = 'auto'  # 'auto' (SLURM/MPI/JAX_* env or coordinator given), 'on', 'off'

@@ -23,6 +23,8 @@ FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8 ' + FAST_COMPILE).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The AOT tests load libtpu in each pytest-xdist worker; it takes a lock file unless told not to.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 # One persistent XLA compilation cache per test session, which the pytest-xdist workers and the
 # launch/main.py subprocesses inherit through the environment (the controller process imports this

@@ -71,8 +71,8 @@ def test_tunables_per_mode_and_the_users_own_setting_wins():
 
 
 def test_unknown_mode_names_the_key_and_the_choices():
-  with pytest.raises(ValueError, match=r"train.host_malloc='fast'.*\['hugepages', 'retain', "
-                                       r"'system'\]"):
+  with pytest.raises(ValueError, match=r"train.host_malloc='fast'.*\['auto', 'hugepages', "
+                                       r"'retain', 'system'\]"):
     host_malloc.tunables_for('fast', None)
 
 
@@ -113,3 +113,20 @@ def test_a_program_read_from_stdin_runs_on_without_a_restart():
   run = _run(code, from_stdin=True)
   assert run.stdout.strip() == ('host malloc: cannot restart this process to set GLIBC_TUNABLES; '
                                 'left as it is')
+
+
+def test_auto_leaves_malloc_alone_on_accelerator_hosts():
+  """'auto' (the default) is 'retain' on a CPU-only host and 'system' on a TPU or GPU host, read
+  from JAX_PLATFORMS when set, else from the accelerator device files."""
+  nothing = lambda path: False  # noqa: E731
+  assert host_malloc.resolve('auto', {'JAX_PLATFORMS': 'tpu'}, nothing) == 'system'
+  assert host_malloc.resolve('auto', {'JAX_PLATFORMS': 'cuda,cpu'}, nothing) == 'system'
+  assert host_malloc.resolve('auto', {'JAX_PLATFORMS': 'cpu'}, lambda p: True) == 'retain'
+  assert host_malloc.resolve('auto', {}, nothing) == 'retain'
+  for device_file in ('/dev/accel0', '/dev/vfio/0', '/dev/nvidiactl'):
+    assert host_malloc.resolve('auto', {}, lambda p, f=device_file: p == f) == 'system'
+  # Explicit modes stay what the config says, whatever the host.
+  assert host_malloc.resolve('retain', {'JAX_PLATFORMS': 'tpu'}, nothing) == 'retain'
+  assert host_malloc.resolve('hugepages', {}, lambda p: True) == 'hugepages'
+  # The test session runs with JAX_PLATFORMS=cpu (conftest): 'auto' asks for 'retain''s tunables.
+  assert host_malloc.tunables_for('auto', None) == host_malloc.MODES['retain']

@@ -17,6 +17,7 @@ merging (crops, Bs) would force GSPMD to gather and re-split the whole crop tens
 
 import math
 
+import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -90,6 +91,15 @@ def batch_shardings(config, mesh) -> dict:
     return NamedSharding(mesh, P(sharding.BATCH_AXES, *([None] * (len(shape) - 1))))
 
   return {branch: {field: spec(shape) for field, (shape, _) in fields.items()}
+          for branch, fields in batch_shapes(config).items()}
+
+
+def abstract_batch(config, mesh) -> dict:
+  """ShapeDtypeStructs of the global batch with their shardings: what `jit(...).lower` takes to
+  compile the step before any data exists (on any devices, compile-only ones included)."""
+  shardings = batch_shardings(config, mesh)
+  return {branch: {field: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[branch][field])
+                   for field, (shape, dtype) in fields.items()}
           for branch, fields in batch_shapes(config).items()}
 
 

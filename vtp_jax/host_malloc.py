@@ -17,6 +17,10 @@ The modes:
   - 'hugepages': malloc's own mappings get transparent huge pages (madvise), 512 times fewer faults;
     threads keep their own arenas. Needs THP in 'madvise' or 'always' mode.
   - 'system': leave malloc as the environment has it.
+  - 'auto' (the default): 'retain' on a CPU-only host, 'system' on a TPU or GPU host, whose
+    step buffers live in device memory: the tunables are a CPU-host measure, and one arena would
+    serialise the many threads an accelerator host decodes images on. The platform is read before
+    anything starts: JAX_PLATFORMS when set, otherwise the accelerator device files.
 A GLIBC_TUNABLES that already sets any glibc.malloc tunable is the user's choice and left alone; on
 other C libraries (macOS, musl) `apply` does nothing.
 """
@@ -35,11 +39,36 @@ MODES = {
 }
 
 
+CHOICES = sorted([*MODES, 'auto'])
+
+# Device files of accelerators jax can use: TPU (accel, and vfio on v5 and later), NVIDIA, AMD.
+ACCELERATOR_DEVICE_FILES = ('/dev/accel0', '/dev/vfio/0', '/dev/nvidiactl', '/dev/nvidia0',
+                            '/dev/kfd')
+
+
+def accelerator_host(environ=None, exists=os.path.exists) -> bool:
+  """Whether this process will run on a TPU or GPU: JAX_PLATFORMS decides when it is set (a list
+  naming only 'cpu' means no), otherwise the presence of an accelerator's device file."""
+  environ = os.environ if environ is None else environ
+  platforms = [p.strip() for p in environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
+  if platforms:
+    return any(p != 'cpu' for p in platforms)
+  return any(exists(path) for path in ACCELERATOR_DEVICE_FILES)
+
+
+def resolve(mode: str, environ=None, exists=os.path.exists) -> str:
+  """'auto' -> 'system' on an accelerator host, 'retain' on a CPU-only one; other modes as given."""
+  if mode != 'auto':
+    return mode
+  return 'system' if accelerator_host(environ, exists) else 'retain'
+
+
 def tunables_for(mode: str, current: str | None) -> str | None:
   """The GLIBC_TUNABLES value `mode` wants, given the current one; None when nothing should change
   (mode 'system', or the user already set a malloc tunable)."""
+  mode = resolve(mode)
   if mode not in MODES:
-    raise ValueError(f'train.host_malloc={mode!r}; use one of {sorted(MODES)} '
+    raise ValueError(f'train.host_malloc={mode!r}; use one of {CHOICES} '
                      '(vtp_jax/host_malloc.py says what each does).')
   if not MODES[mode] or 'glibc.malloc.' in (current or ''):
     return None
@@ -64,10 +93,11 @@ def apply(mode: str) -> str:
   or devices: the process image is replaced, so nothing done before the call survives it."""
   current = os.environ.get(VARIABLE)
   wanted = tunables_for(mode, current)
+  mode = mode if mode != 'auto' else f"auto -> {resolve(mode)}"
   if platform.libc_ver()[0] != 'glibc':
-    return f'host malloc: {mode!r} needs glibc; this C library is left as it is'
+    return f'host malloc: {mode} needs glibc; this C library is left as it is'
   if wanted is None:
-    return f'host malloc: {VARIABLE}={current or ""!r} (train.host_malloc={mode!r})'
+    return f'host malloc: {VARIABLE}={current or ""!r} (train.host_malloc: {mode})'
   if not _restartable():
     return f'host malloc: cannot restart this process to set {VARIABLE}; left as it is'
   sys.stdout.flush()

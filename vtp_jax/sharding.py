@@ -66,11 +66,24 @@ def mesh_shape(mesh_config, n_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """The ('data', 'fsdp', 'tensor') mesh, axis types stated (Auto: GSPMD propagates shardings)."""
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None,
+              slices: int = 1) -> jax.sharding.Mesh:
+  """The ('data', 'fsdp', 'tensor') mesh, axis types stated (Auto: GSPMD propagates shardings).
+
+  Over several slices (TPU multislice, or GPU nodes joined by the data-centre network) 'data' is
+  split between them and every other axis stays inside a slice, so only the data-parallel gradient
+  reduction crosses the slower network (MaxText's dcn_data_parallelism)."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  if shape[0] % slices:
+    raise ValueError(f'mesh.data={shape[0]} must be a multiple of the {slices} slices: the data '
+                     'axis is the one split across slices.')
+  from jax.experimental import mesh_utils  # local: only multi-slice meshes need it
+  grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices,) + shape[1:], (slices, 1, 1),
+                                              devices)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:

@@ -69,8 +69,41 @@ def vgg16_forward(image_side: int) -> float:
   return sum(2 * (image_side // s) ** 2 * 9 * c_in * c_out for c_out, c_in, s in _VGG16)
 
 
+def patch_discriminator_forward(config, image_side: int) -> float:
+  """PatchGAN (models/discriminator.py): 4x4 convolutions, zero-padded by 1, stride 2 then 1."""
+  g = config.gan
+  side, c_in, flops = image_side, 3, 0.0
+  widths = [(g.disc_channels, 2)]
+  for i in range(1, g.disc_layers + 1):
+    widths.append((g.disc_channels * min(2 ** i, 8), 2 if i < g.disc_layers else 1))
+  widths.append((1, 1))
+  for c_out, stride in widths:
+    side = (side + 2 - 4) // stride + 1
+    flops += 2 * side * side * 16 * c_in * c_out
+    c_in = c_out
+  return flops
+
+
+def gan_stage_flops(config) -> dict:
+  """{'rec', 'disc', 'total'} of one decoder GAN-stage step (train/gan_stage.py): the frozen encoder
+  runs forward only, the decoder trains (3x), LPIPS and the generator's discriminator term
+  back-propagate to the image (2x each), the discriminator trains on real and fake images (3x)."""
+  d = config.data
+  _, _, b_rec = batch_lib.sub_batch_sizes(config)
+  side = d.image_size
+  rec = b_rec * (encoder_forward(config, side, bottleneck=True) +
+                 3 * decoder_forward(config, side) +
+                 (2 * vgg16_forward(side) if config.loss.lpips_weight else 0.0))
+  disc_pass = patch_discriminator_forward(config, side)
+  disc = b_rec * (2 * disc_pass + 2 * 3 * disc_pass)
+  return {'rec': rec, 'disc': disc, 'total': rec + disc}
+
+
 def step_flops(config) -> dict:
-  """{'clip', 'ssl', 'rec', 'total'}: analytic FLOPs of one step over the global batch."""
+  """{'clip', 'ssl', 'rec', 'total'}: analytic FLOPs of one step over the global batch (the GAN
+  stage's own split under `config.gan.enabled`)."""
+  if config.get('gan', {}).get('enabled', False):
+    return gan_stage_flops(config)
   d, m = config.data, config.model
   b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
   branches = batch_lib.active_branches(config)

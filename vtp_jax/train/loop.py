@@ -158,18 +158,11 @@ def _has_device_module() -> bool:
   return importlib.util.find_spec('vtp_jax.data.device') is not None
 
 
-def _abstract_batch(config, mesh):
-  shardings = batch_lib.batch_shardings(config, mesh)
-  return {branch: {field: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[branch][field])
-                   for field, (shape, dtype) in fields.items()}
-          for branch, fields in batch_lib.batch_shapes(config).items()}
-
-
 def compile_step(step_fn, state, config, mesh, frozen):
   """The step compiled ahead of time (so memory is known before the first batch is read)."""
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = step_fn.jitted.lower(state, _abstract_batch(config, mesh), frozen).compile()
+    compiled = step_fn.jitted.lower(state, batch_lib.abstract_batch(config, mesh), frozen).compile()
   logging.info('Compiled the train step in %.1f s.', time.perf_counter() - t0)
   try:
     m = compiled.memory_analysis()

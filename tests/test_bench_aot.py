@@ -1,0 +1,170 @@
+"""bench.aot: the real train step compiled for TPU slices from this CPU host (libtpu, installed by
+requirements-dev.txt), checked against figures computed here from shapes alone; target names; the
+HLO collective reader on a hand-written program."""
+
+import importlib.util
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from vtp_jax.bench import aot
+from vtp_jax.bench import hlo_stats
+from vtp_jax.bench import targets
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec('libtpu') is None,
+    reason="libtpu is not installed: pip install -r requirements-dev.txt (jax[tpu]) compiles for "
+           "TPU topologies on this host")
+
+
+def test_target_names_follow_each_generation_counting_rule():
+  cases = {'v5p-256': ('v5p:4x4x8', 128), 'v4-128': ('v4:4x4x4', 64),
+           'v5e-256': ('v5e:16x16', 256), 'v5litepod-16': ('v5e:4x4', 16),
+           'v6e-64': ('v6e:8x8', 64), 'v5p:4x4x8': ('v5p:4x4x8', 128),
+           'v5e-4': ('v5e:2x2', 4), 'h200-16': ('1x2x8', 16), 'h100:2x8': ('1x2x8', 16)}
+  for name, (topology, chips) in cases.items():
+    t = targets.parse(name)
+    assert (t.topology, t.chips) == (topology, chips), name
+  assert targets.parse('v5p-256', slices=2).chips == 256
+  assert targets.parse('h100-8').chip.hbm_bytes == 80e9
+  for bad, hint in (('v5p-6', 'TensorCores'), ('v5e-3', 'chips'), ('tpu-8', 'not a target'),
+                    ('h100-12', 'nodes of 8')):
+    with pytest.raises(targets.TargetError, match=hint):
+      targets.parse(bad)
+
+
+_HLO = """HloModule m, num_partitions=4
+
+%body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %p = (s32[], f32[256]) parameter(0)
+  %x = f32[256]{0} get-tuple-element(%p), index=1
+  %ag = f32[1024]{0} all-gather(%x), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  %rs = f32[64]{0} reduce-scatter(%x), channel_id=2, replica_groups=[2,2]<=[4], dimensions={0}
+  ROOT %t = (s32[], f32[256]) tuple(%i, %x)
+}
+
+%cond (p: (s32[], f32[256])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+%all-reduce-scatter.1 (input.1: bf16[64,128]) -> bf16[16,128] {
+  %input.1 = bf16[64,128]{1,0} parameter(0)
+  %ar = bf16[64,128]{1,0} all-reduce(%input.1), channel_id=3, replica_groups={{0,1,2,3}}
+}
+
+ENTRY %main (a: f32[256], b: bf16[64,128]) -> f32[256] {
+  %a = f32[256]{0} parameter(0)
+  %w = (s32[], f32[256]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"6"}}
+  %f = bf16[16,128]{1,0} fusion(%b), kind=kCustom, calls=%all-reduce-scatter.1
+  %s = (f32[256]{0}, f32[256]{0}, u32[], u32[]) collective-permute-start(%a), channel_id=4, source_target_pairs={{0,1},{1,0}}
+  %d = f32[256]{0} collective-permute-done(%s)
+  %r = f32[256]{0} all-reduce-start(%a), channel_id=5, replica_groups=mesh['x'=2,'y'=2] {'y'}
+  ROOT %o = f32[256]{0} all-reduce-done(%r)
+}
+"""
+
+
+def test_collectives_are_counted_per_execution_with_their_bytes():
+  stats = hlo_stats.collective_stats(_HLO)
+  # The all-gather and reduce-scatter sit in a loop body run 6 times.
+  assert stats['all-gather'] == {'count': 6, 'bytes': 6 * 1024 * 4, 'traffic_bytes': 6 * 3072}
+  # Explicit reduce-scatter over groups of 2 (the iota form): input = 2 x the 64-float output;
+  # plus the TPU-style all-reduce-scatter fusion over 4 devices (64 x 128 bf16 input).
+  assert stats['reduce-scatter']['count'] == 6 + 1
+  assert stats['reduce-scatter']['bytes'] == 6 * 128 * 4 + 64 * 128 * 2
+  assert stats['reduce-scatter']['traffic_bytes'] == 6 * 128 * 4 // 2 + 64 * 128 * 2 * 3 // 4
+  # all-reduce-start over mesh axis 'y' of size 2: 2 (n-1)/n of 1 KiB.
+  assert stats['all-reduce'] == {'count': 1, 'bytes': 1024, 'traffic_bytes': 1024}
+  assert stats['collective-permute'] == {'count': 1, 'bytes': 1024, 'traffic_bytes': 1024}
+  assert stats['all-to-all']['count'] == 0
+  # Partitions {0, 1} in slice 0 and {2, 3} in slice 1: the 4-wide groups cross slices, the
+  # permute (0 <-> 1) and the 'y' all-reduce (groups {0,1}, {2,3}) do not.
+  dcn = hlo_stats.collective_stats(_HLO, partition_slices=[0, 0, 1, 1])['dcn_traffic_bytes']
+  assert dcn == 6 * 3072 + 64 * 128 * 2 * 3 // 4
+
+
+def _config(**mesh):
+  from configs import vtp_tiny
+  config = vtp_tiny.get_config()
+  config.mesh.update(mesh)
+  return config
+
+
+def _shapes_and_specs(config, target):
+  """(full bytes, bytes per device) of the params and of the whole train state, per leaf from its
+  shape and the mesh axes its sharding names (NumPy arithmetic, no compiler involved)."""
+  from vtp_jax import sharding
+  from vtp_jax.train import state as state_lib
+  mesh = sharding.make_mesh(config.mesh, targets.devices(target))
+  state, _, _ = state_lib.create(config, mesh, abstract=True)
+
+  def totals(tree):
+    full = per_device = 0
+    for leaf in jax.tree.leaves(tree):
+      nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+      split = 1
+      for axes in leaf.sharding.spec:
+        for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+          split *= mesh.shape[axis]
+      full += nbytes
+      per_device += nbytes / split
+    return full, per_device
+
+  return totals(state.params), totals(state)
+
+
+@needs_libtpu
+@pytest.mark.parametrize('topology,mesh', [
+    ('v5e-4', dict(data=1, fsdp=4, tensor=1)),
+    ('v5p:2x2x2', dict(data=2, fsdp=2, tensor=2)),
+])
+def test_tiny_step_compiles_for_tpu_with_sharded_state_and_collectives(topology, mesh):
+  config = _config(**mesh)
+  target = targets.parse(topology)
+  (params_full, params_dev), (state_full, state_dev) = _shapes_and_specs(config, target)
+  report = aot.compile_report(config, target)
+  gib = 1024 ** 3
+  assert report['devices'] == math.prod(mesh.values()) and report['mesh'] == mesh
+  assert report['batch'] == {'clip': 32, 'ssl': 8, 'rec': 4}
+  # The compiled program keeps parameters and optimizer state in exactly the shards asked for...
+  compiled_state = report['state_gib_per_device']
+  assert compiled_state['params'] * gib == pytest.approx(params_dev, rel=1e-6)
+  assert compiled_state['total'] * gib == pytest.approx(state_dev, rel=1e-6)
+  # ... which are the full sizes split fsdp x tensor ways: nearly all bytes are in matrices, the
+  # replicated norms and scalars are a few percent.
+  shards = mesh['fsdp'] * mesh['tensor']
+  assert params_full / shards <= params_dev <= params_full / shards * 1.1
+  assert state_full / shards <= state_dev <= state_full / shards * 1.1
+  # The step's outputs are that state (donated, so aliased to the input) and the metrics; TPU
+  # tiling pads small shards (a 32-wide minor dimension fills a 128-lane tile).
+  outputs = report['memory_per_device_gib']['outputs'] * gib
+  assert state_dev <= outputs <= 1.3 * state_dev
+  assert report['memory_per_device_gib']['aliased'] * gib >= state_dev
+  c = report['collectives']
+  # FSDP gathers every parameter shard before use: at least one full parameter copy a step
+  # (in the compute dtype, float32 for vtp_tiny) for the student forward alone.
+  assert c['all-gather']['count'] > 0
+  assert c['all-gather']['bytes'] >= 0.9 * params_full / mesh['tensor']
+  if mesh['data'] > 1:
+    # Data parallelism sums every gradient shard over 'data': all-reduce or reduce-scatter of
+    # at least the per-device parameter bytes (float32 gradients; bfloat16 would be half).
+    reduced = c['all-reduce']['bytes'] + c['reduce-scatter']['bytes']
+    assert reduced >= 0.9 * params_dev
+  assert report['fits'] is True
+  assert report['hbm_gib'] == (16.0 if topology == 'v5e-4' else 95.0)
+  assert report['flops_per_device']['xla'] > 0.5 * report['flops_per_device']['analytic']
+  assert report['bound_s']['compute'] > 0 and report['bound_s']['hbm'] > 0
+  assert 0 < report['mfu_ceiling'] <= 1
+
+
+@needs_libtpu
+def test_fits_turns_false_when_the_batch_outgrows_the_chip():
+  """vtp_tiny at 4096x its batch on 4 v5e chips (16 GiB each): the activations no longer fit."""
+  config = _config(data=4, fsdp=1, tensor=1)
+  config.data.batch_size = 32 * 4096
+  config.precision.scan_layers = True  # the same program, compiled faster
+  report = aot.compile_report(config, targets.parse('v5e-4'))
+  assert report['memory_per_device_gib']['peak'] > 0.9 * 16
+  assert report['fits'] is False

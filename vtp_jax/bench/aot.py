@@ -1,0 +1,187 @@
+"""Compile the real train step for a TPU slice or GPU nodes from any host, and print what XLA says
+it costs there: memory per chip, FLOPs, collectives, and lower bounds on the step time.
+
+  python -m vtp_jax.bench.aot --config=configs/vtp_l.py --topology=v5p-256 [--slices=2]
+      [--config.mesh.fsdp=16 --config.precision.remat_policy=full ...]
+  python -m vtp_jax.bench.aot --config=configs/vtp_l.py --topology=v5p-256 --plan
+
+Nothing runs on the target: the state, batch and frozen inputs are ShapeDtypeStructs carrying their
+shardings (`state.create(abstract=True)`, `batch.abstract_batch`), and `jit(step).lower(...)
+.compile()` produces the executable the target would run. Its `memory_analysis()` gives the bytes
+per device (`peak` = arguments + outputs - aliased + temporaries, what must fit in HBM at once),
+`cost_analysis()` the per-device FLOPs and HBM bytes, and its optimised HLO the collectives
+(`hlo_stats.py`). The bounds divide those by the chip's published rates (`targets.py`):
+compute = XLA FLOPs / peak, hbm = bytes accessed / HBM bandwidth, ici = ring traffic / one
+direction of the interconnect, dcn = the traffic of collectives that span slices / the per-chip
+network share. `mfu_ceiling` = analytic (model) FLOPs per device / peak / the largest bound: what
+MFU could at best be if the step ran at that bound. XLA's own `optimal_seconds` is printed for
+reference only: it is negative for this step on libtpu 0.0.42.
+
+`--plan` compiles every candidate (mesh x remat policy x scanned or unrolled blocks) in separate
+processes, ranks them (fitting first, then by the largest bound) and ends with the command line of
+the best one. See docs/scaling.md for the tables this produced.
+"""
+
+import json
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file', lock_config=False)
+flags.DEFINE_string('topology', None, 'v5p-256, v5e-256, v6e-64, v4-128, v5p:4x4x8, h100-8, ...')
+flags.DEFINE_integer('slices', 1, 'slices joined over the data-centre network (multislice)')
+flags.DEFINE_float('hbm_fraction', 0.9, '`fits`: peak memory within this fraction of HBM')
+flags.DEFINE_bool('plan', False, 'search mesh, remat and scan; print the ranked table')
+flags.DEFINE_string('plan_meshes', '', "candidates 'data,fsdp,tensor;...'; default: generated")
+flags.DEFINE_string('plan_remat', 'none,dots_no_batch,full', 'remat policies to try')
+flags.DEFINE_string('plan_scan', 'true,false', 'scan_layers values to try')
+flags.DEFINE_integer('plan_workers', 0, 'compiles at once; 0: by host memory (12 GiB each)')
+flags.DEFINE_string('dump_hlo', '', 'write the optimised HLO text here')
+FLAGS = flags.FLAGS
+
+GIB = 1024 ** 3
+
+
+def _state_bytes_per_device(abstract_state, compiled_shardings) -> dict:
+  """Bytes of each train-state field on one device, from the shardings the compiled executable
+  gives its output state (unpadded: the compiler's tiling may add to what memory_analysis says)."""
+  import jax
+  import numpy as np
+  out = {}
+
+  def nbytes(tree, shardings):
+    return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+  for field in ('params', 'opt_state', 'teacher', 'disc'):
+    out[field] = nbytes(getattr(abstract_state, field), getattr(compiled_shardings, field))
+  out['total'] = nbytes(abstract_state, compiled_shardings)  # with the counters, rng, centres
+  return out
+
+
+def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') -> dict:
+  """Compiles the config's train step for `target` and returns the report (see the module doc)."""
+  import jax
+
+  from vtp_jax import batch as batch_lib
+  from vtp_jax import sharding
+  from vtp_jax.bench import hlo_stats
+  from vtp_jax.bench import targets as targets_lib
+  from vtp_jax.train import flops as flops_lib
+  from vtp_jax.train import state as state_lib
+  from vtp_jax.train import step as step_lib
+
+  devices = devices if devices is not None else targets_lib.devices(target)
+  tpu_slices = target.slices if target.platform == 'tpu' else 1
+  mesh = sharding.make_mesh(config.mesh, devices, slices=tpu_slices)
+  state, shardings, tx = state_lib.create(config, mesh, abstract=True)
+  step = step_lib.make_train_step(config, mesh, shardings, tx)
+  batch = batch_lib.abstract_batch(config, mesh)
+  frozen = sharding.with_shardings(
+      step_lib.frozen_inputs_abstract(config),
+      jax.tree.map(lambda _: sharding.replicated(mesh), step_lib.frozen_inputs_abstract(config)))
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = step.jitted.lower(state, batch, frozen)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+
+  state_bytes = _state_bytes_per_device(state, compiled.output_shardings[0])
+  memory = compiled.memory_analysis()
+  args, outs = memory.argument_size_in_bytes, memory.output_size_in_bytes
+  aliased, temps = memory.alias_size_in_bytes, memory.temp_size_in_bytes
+  peak = args + outs - aliased + temps
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  hlo = compiled.as_text()
+  if dump_hlo:
+    with open(dump_hlo, 'w') as f:
+      f.write(hlo)
+  slice_of = [getattr(d, 'slice_index', None) or 0 for d in mesh.devices.flat]
+  if target.platform != 'tpu':
+    slice_of = [d.process_index for d in mesh.devices.flat] if target.slices > 1 else slice_of
+  multi = len(set(slice_of)) > 1
+  collectives = hlo_stats.collective_stats(hlo, slice_of if multi else None)
+
+  n = mesh.devices.size
+  chip = target.chip
+  analytic = flops_lib.step_flops(config)['total'] / n
+  # XLA's cost analysis counts a loop body once; scanned blocks run it depth times. Its counts are
+  # scaled by the ratio of the HLO's own FLOPs/bytes with and without loop iterations (1 unrolled).
+  loops = hlo_stats.loop_aware_costs(hlo)
+  xla_flops = float(cost.get('flops', 0.0))
+  xla_bytes = float(cost.get('bytes accessed', 0.0))
+  flops = xla_flops * (loops['flops'] / loops['flops_once'] if loops['flops_once'] else 1.0)
+  hbm_bytes = xla_bytes * (loops['bytes_accessed'] / loops['bytes_once']
+                           if loops['bytes_once'] else 1.0)
+  traffic = sum(collectives[k]['traffic_bytes'] for k in hlo_stats.KINDS)
+  dcn_traffic = collectives.get('dcn_traffic_bytes', 0)
+  bounds = {
+      'compute': flops / chip.peak_flops,
+      'hbm': hbm_bytes / chip.hbm_bytes_per_s,
+      'ici': (traffic - dcn_traffic) / (chip.ici_bytes_per_s / 2),
+  }
+  if multi and chip.dcn_bytes_per_s:
+    bounds['dcn'] = dcn_traffic / chip.dcn_bytes_per_s
+  bound = max(bounds.values())
+  b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
+  branches = batch_lib.active_branches(config)
+  return {
+      'topology': target.topology,
+      'target': target.name,
+      'chip': chip.name,
+      'slices': target.slices,
+      'devices': n,
+      'mesh': dict(mesh.shape),
+      'batch': {'clip': b if 'clip' in branches else 0, 'ssl': b_ssl if 'ssl' in branches else 0,
+                'rec': b_rec if 'rec' in branches else 0},
+      'precision': {'compute_dtype': config.precision.compute_dtype,
+                    'remat_policy': config.precision.remat_policy,
+                    'scan_layers': bool(config.precision.scan_layers),
+                    'attention': config.precision.attention},
+      'memory_per_device_gib': {'arguments': args / GIB, 'outputs': outs / GIB,
+                                'aliased': aliased / GIB, 'temporaries': temps / GIB,
+                                'peak': peak / GIB},
+      'state_gib_per_device': {k: v / GIB for k, v in state_bytes.items()},
+      'hbm_gib': chip.hbm_bytes / GIB,
+      'fits': peak <= hbm_fraction * chip.hbm_bytes,
+      'flops_per_device': {'xla': flops, 'analytic': analytic, 'xla_loop_bodies_once': xla_flops},
+      'hbm_bytes_per_device': hbm_bytes,
+      'collectives': {k: collectives[k] for k in hlo_stats.KINDS},
+      'collective_bytes_total': sum(collectives[k]['bytes'] for k in hlo_stats.KINDS),
+      'unknown_trip_counts': collectives['unknown_trip_counts'],
+      'compile_s': round(compile_s, 1),
+      'bound_s': bounds,
+      'bound_step_s': bound,
+      'mfu_ceiling': analytic / chip.peak_flops / bound if bound > 0 else None,
+      'xla_optimal_seconds': cost.get('optimal_seconds'),
+      'chip_source': chip.source,
+      'jax': jax.__version__,
+  }
+
+
+def main(argv):
+  del argv
+  from vtp_jax.bench import targets as targets_lib
+  targets_lib.prepare_environment()  # before jax starts
+  if FLAGS.topology is None:
+    raise app.UsageError('--topology is required (e.g. v5p-256, v5e-4, h100-8).')
+  try:
+    target = targets_lib.parse(FLAGS.topology, FLAGS.slices)
+    if FLAGS.plan:
+      from vtp_jax.bench import aot_plan
+      aot_plan.run(_CONFIG.value, target, sys.argv, FLAGS)
+      return
+    devices = targets_lib.devices(target)
+  except targets_lib.TargetError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  report = compile_report(_CONFIG.value, target, devices, FLAGS.hbm_fraction, FLAGS.dump_hlo)
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
