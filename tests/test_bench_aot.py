@@ -168,3 +168,25 @@ def test_fits_turns_false_when_the_batch_outgrows_the_chip():
   report = aot.compile_report(config, targets.parse('v5e-4'))
   assert report['memory_per_device_gib']['peak'] > 0.9 * 16
   assert report['fits'] is False
+
+
+def test_plan_candidates_and_ranking():
+  from configs import vtp_l
+  from vtp_jax.bench import aot_plan
+  config = vtp_l.get_config()  # 16 heads in encoder and decoder
+  meshes = aot_plan.default_meshes(config, 128)
+  assert (1, 128, 1) in meshes and (16, 8, 1) in meshes and (1, 32, 4) in meshes
+  assert all(math.prod(m) == 128 for m in meshes)
+  assert aot_plan.parse_meshes('2,4,1; 1,8,1') == [(2, 4, 1), (1, 8, 1)]
+  with pytest.raises(ValueError, match='data,fsdp,tensor'):
+    aot_plan.parse_meshes('2,4')
+
+  def row(fits, bound, peak):
+    return {'report': {'fits': fits, 'bound_step_s': bound,
+                       'memory_per_device_gib': {'peak': peak}}}
+
+  rows = [row(False, 0.1, 99.0), {'report': {'error': 'x'}}, row(True, 0.5, 10.0),
+          row(True, 0.3, 50.0), row(True, 0.3, 40.0)]
+  ranked = sorted(rows, key=aot_plan.rank_key)
+  assert [r['report'].get('bound_step_s') for r in ranked] == [0.3, 0.3, 0.5, 0.1, None]
+  assert ranked[0]['report']['memory_per_device_gib']['peak'] == 40.0

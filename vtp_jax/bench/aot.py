@@ -9,8 +9,11 @@ Nothing runs on the target: the state, batch and frozen inputs are ShapeDtypeStr
 shardings (`state.create(abstract=True)`, `batch.abstract_batch`), and `jit(step).lower(...)
 .compile()` produces the executable the target would run. Its `memory_analysis()` gives the bytes
 per device (`peak` = arguments + outputs - aliased + temporaries, what must fit in HBM at once),
-`cost_analysis()` the per-device FLOPs and HBM bytes, and its optimised HLO the collectives
-(`hlo_stats.py`). The bounds divide those by the chip's published rates (`targets.py`):
+`cost_analysis()` the per-device FLOPs and HBM bytes (XLA counts a loop body once, so for scanned
+blocks both are scaled by the HLO's own ratio of per-iteration to per-body counts, `hlo_stats.
+loop_aware_costs`; compile-only GPU executables have no cost analysis, so there the analytic FLOPs
+and the HLO's byte estimate stand in, as `cost_sources` says), and its optimised HLO the
+collectives (`hlo_stats.py`). The bounds divide those by the chip's published rates (`targets.py`):
 compute = XLA FLOPs / peak, hbm = bytes accessed / HBM bandwidth, ici = ring traffic / one
 direction of the interconnect, dcn = the traffic of collectives that span slices / the per-chip
 network share. `mfu_ceiling` = analytic (model) FLOPs per device / peak / the largest bound: what
@@ -116,6 +119,13 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
   flops = xla_flops * (loops['flops'] / loops['flops_once'] if loops['flops_once'] else 1.0)
   hbm_bytes = xla_bytes * (loops['bytes_accessed'] / loops['bytes_once']
                            if loops['bytes_once'] else 1.0)
+  sources = {'flops': 'xla', 'hbm_bytes': 'xla'}
+  if not flops:  # compile-only GPU executables report no cost analysis: the model's own FLOPs
+    flops, sources['flops'] = analytic, 'analytic (no XLA cost analysis for this target)'
+  if not hbm_bytes:  # ... and the HLO's operand/result bytes, an upper estimate
+    hbm_bytes = loops['bytes_accessed']
+    sources['hbm_bytes'] = 'HLO operand and result bytes (no XLA cost analysis for this target)'
+
   traffic = sum(collectives[k]['traffic_bytes'] for k in hlo_stats.KINDS)
   dcn_traffic = collectives.get('dcn_traffic_bytes', 0)
   bounds = {
@@ -149,6 +159,7 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
       'fits': peak <= hbm_fraction * chip.hbm_bytes,
       'flops_per_device': {'xla': flops, 'analytic': analytic, 'xla_loop_bodies_once': xla_flops},
       'hbm_bytes_per_device': hbm_bytes,
+      'cost_sources': sources,
       'collectives': {k: collectives[k] for k in hlo_stats.KINDS},
       'collective_bytes_total': sum(collectives[k]['bytes'] for k in hlo_stats.KINDS),
       'unknown_trip_counts': collectives['unknown_trip_counts'],
