@@ -124,6 +124,9 @@ def main(argv):
     peak, peak_source = float(FLAGS.peak), 'given'
   achieved = analytic['total'] / step_s
   b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
+  from vtp_jax.generation import is_generation
+  if is_generation(config):  # the generator: its own sizes (the tokenizer sections are unused)
+    b_ssl = b_rec = 0
   report = {
       'config': {'encoder': config.model.encoder.width, 'depth': config.model.encoder.depth,
                  'batch': b, 'ssl_batch': b_ssl, 'rec_batch': b_rec,
@@ -133,7 +136,10 @@ def main(argv):
                  'remat': config.precision.remat_policy,
                  'scan_layers': config.precision.scan_layers,
                  'attention': config.precision.attention,
-                 'dense': config.precision.dense},
+                 'dense': config.precision.dense,
+                 **({'dit': {k: config.dit[k] for k in ('width', 'depth', 'heads', 'input_size',
+                                                        'in_channels', 'patch_size')}}
+                    if is_generation(config) else {})},
       'devices': [str(d.device_kind) for d in jax.devices()][:1] + [len(jax.devices())],
       'mesh': dict(mesh.shape),
       'flops_analytic': analytic,

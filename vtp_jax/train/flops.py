@@ -70,7 +70,11 @@ def vgg16_forward(image_side: int) -> float:
 
 
 def step_flops(config) -> dict:
-  """{'clip', 'ssl', 'rec', 'total'}: analytic FLOPs of one step over the global batch."""
+  """{'clip', 'ssl', 'rec', 'total'}: analytic FLOPs of one step over the global batch
+  ({'dit', 'total'} for config.task='generation', generation/flops.py)."""
+  if config.get('task', 'tokenizer') == 'generation':
+    from vtp_jax.generation import flops as gen_flops  # local: it imports this module
+    return gen_flops.step_flops(config)
   d, m = config.data, config.model
   b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
   branches = batch_lib.active_branches(config)
