@@ -9,8 +9,10 @@ indices 0 .. train_examples - 1), random horizontal flips (colour and shape are 
 four 3x3 stride-2 conv layers 24-48-96-128 (64 -> 4 px), ReLU, global mean pool, a 256-d
 ReLU feature layer, two linear heads (8 colours, 6 shapes); summed softmax cross-entropy; AdamW
 (lr 2e-3, cosine to 0 after 200 warm-up steps, weight decay 1e-4), batch 128, `steps` steps
-(default 3000), seed 0. Accuracy on the first `val_examples` validation images is stored with the
-weights; `load_or_train` refuses a judge under 90% on either factor.
+(default 1200), seed 0. Accuracy on the first `val_examples` validation images is stored with the
+weights; `load_or_train` refuses a judge under 90% on either factor. The default recipe reached
+colour 1.000 and shape 0.952 on the 2000 validation images, training in 6.5 minutes on 2 CPU cores
+that other jobs were also using.
 
 The weights are prepared locally on first use, like the dataset: `DIR/vtp_shapes_judge/judge.npz`
 beside vtp_shapes in data.data_dir (or ~/.cache/vtp_jax when that is empty).
@@ -92,7 +94,7 @@ def accuracy(params, images, colours, shape_labels) -> dict:
           'shape': float(np.mean(pred['shape'] == shape_labels))}
 
 
-def train(steps: int = 3000, train_examples: int = 20000, val_examples: int = 2000,
+def train(steps: int = 1200, train_examples: int = 20000, val_examples: int = 2000,
           batch_size: int = 128, seed: int = 0, log_every: int = 250) -> tuple[dict, dict]:
   """(params, validation accuracy {'colour', 'shape'}) of the recipe in the module docstring."""
   t0 = time.time()
@@ -159,11 +161,11 @@ def load(folder) -> tuple[dict, dict]:
 
 
 @functools.lru_cache(maxsize=2)
-def load_or_train(folder: str, steps: int = 3000) -> tuple[dict, dict]:
+def load_or_train(folder: str, steps: int = 1200) -> tuple[dict, dict]:
   """The judge in `folder`, trained there first if absent; refuses one under 90% on a factor."""
   folder = pathlib.Path(folder)
   if not (folder / 'judge.npz').exists():
-    logging.info('judge: none in %s; training it on real vtp_shapes images (a few CPU minutes).',
+    logging.info('judge: none in %s; training it on real vtp_shapes images (about 6 CPU minutes).',
                  folder)
     params, val = train(steps=steps)
     save(folder, params, val, {'steps': steps, 'train_examples': 20000, 'val_examples': 2000})
@@ -186,6 +188,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_integer('steps', 3000, 'training steps (batch 128)')
+  flags.DEFINE_integer('steps', 1200, 'training steps (batch 128)')
   flags.DEFINE_string('out', '', "folder for judge.npz; '' = ~/.cache/vtp_jax/vtp_shapes_judge")
   app.run(main)
