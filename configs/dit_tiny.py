@@ -2,7 +2,9 @@
 
 D 128, 4 blocks, 4 heads over the 4x4x64 latents of `configs/vtp_tiny.py` on vtp_shapes (64 px
 images, 48 classes), batch 64, 2000 steps, EMA 0.999 (0.9999 would average over more steps than
-the run has), Heun with 30 grid points for sampling.
+the run has), Heun with 30 grid points for sampling. One step takes 0.16 s on 2 busy CPU cores
+(`python -m vtp_jax.bench.step --config=configs/dit_tiny.py`: 5.2 GFLOP analytic, 5.4 XLA), so the
+2000 steps take about 6 minutes.
 """
 
 from configs import dit_base
