@@ -40,11 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict()
   c.sample.solver = 'euler'  # 'euler' or 'heun' fixed-grid ODE solver [L: euler]
-  c.sample.steps = 250  # time-grid points (LightningDiT's num_sampling_steps): steps - 1 updates [V]
+  c.sample.steps = 250  # time-grid points (num_sampling_steps), steps - 1 updates [V]
   c.sample.timestep_shift = 0.3  # t -> s t / (1 + (s - 1) t); 0 or 1 = no shift [L] (V: 0.075)
   c.sample.cfg_scale = 1.0  # classifier-free guidance; 1 = conditional only [V]
   c.sample.cfg_interval_start = 0.11  # guidance only where t >= this (t = 1 is data) [L]
-  c.sample.cfg_channels = 0  # channels guided: 0 = all; 3 reproduces LightningDiT's forward_with_cfg
+  c.sample.cfg_channels = 0  # channels guided: 0 = all; 3 = LightningDiT's forward_with_cfg [L]
   c.sample.batch_size = 64  # latents per sampling call (the last call is padded)
   c.sample.seed = 0  # noise and label draws of sampling
 

@@ -1,4 +1,5 @@
-"""LightningDiT-XL/1 on 16x16x64 latents (VTP's headline generator, 675M): D 1152, 28 blocks, 16 heads.
+"""LightningDiT-XL/1 on 16x16x64 latents (VTP's headline generator, 675M): D 1152, 28 blocks,
+16 heads.
 
 The block stack is scanned (compile time flat in depth), as the tokenizer's large configs do.
 """

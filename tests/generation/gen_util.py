@@ -36,7 +36,8 @@ def write_latents(folder, n: int = 24, shards: int = 2, seed: int = 0) -> dict:
   z = (mean + std * rng.standard_normal((n, SIDE, SIDE, CHANNELS))).astype(np.float32)
   z_flip = z[:, :, ::-1]
   labels = rng.integers(0, CLASSES, n)
-  for p, (start, stop) in enumerate(export_latents.shard_range(n, p, shards) for p in range(shards)):
+  for p in range(shards):
+    start, stop = export_latents.shard_range(n, p, shards)
     writer = ArrayRecordWriter(str(folder / export_latents.shard_name(p, shards)), 'group_size:1')
     for i in range(start, stop):
       writer.write(export_latents.encode_record(i, labels[i], z[i], z_flip[i], 'float32'))

@@ -1,5 +1,5 @@
-"""The LightningDiT generator: sizes against the published ones, adaLN-Zero identity at init, and the
-fixed tables (RoPE, position and timestep embeddings) against NumPy versions of LightningDiT's
+"""The LightningDiT generator: sizes against the published ones, adaLN-Zero identity at init, and
+the fixed tables (RoPE, position and timestep embeddings) against NumPy versions of LightningDiT's
 formulas; the analytic FLOP count against XLA's."""
 
 import flax.linen as nn

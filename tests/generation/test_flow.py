@@ -106,7 +106,8 @@ def test_loss_equals_its_formula_on_fixed_inputs():
   weights = rng.standard_normal((5, 5))
 
   def apply_fn(w, xt, t, y):  # any fixed network: a channel mix plus t and class offsets
-    return jnp.einsum('bhwc,cd->bhwd', xt, w) + t[:, None, None, None] * (y[:, None, None, None] + 1)
+    offset = t[:, None, None, None] * (y[:, None, None, None] + 1)
+    return jnp.einsum('bhwc,cd->bhwd', xt, w) + offset
 
   loss, metrics = transport.loss_at(apply_fn, jnp.asarray(weights, jnp.float32),
                                     jnp.asarray(x1, jnp.float32), jnp.asarray(x0, jnp.float32),

@@ -10,9 +10,9 @@ typed like its current value). `--task=all` runs config.evals.tasks.
 
 A generator (configs/dit_*.py) is evaluated with --task=generation (eval/generation.py):
 
-    python -m vtp_jax.eval --task=generation --checkpoint=runs/dit_tiny --tokenizer=runs/vtp_tiny \
-        --dataset=shapes:validation [--num_images=2000] [--cfg_scale=S] [--steps=K] [--solver=heun] \
-        [--fid_weights=fid_inception.npz] [--judge_dir=DIR]
+    python -m vtp_jax.eval --task=generation --checkpoint=runs/dit_tiny --tokenizer=runs/vtp_tiny \\
+        --dataset=shapes:validation [--num_images=2000] [--cfg_scale=S] [--steps=K] \\
+        [--solver=heun] [--fid_weights=fid_inception.npz] [--judge_dir=DIR]
 
 gFID needs --fid_weights; on vtp_shapes the judge (eval/judge.py, trained on first use) adds
 judge_accuracy, its colour and shape parts, judge_fd and its own accuracy on the real images.
@@ -34,13 +34,13 @@ flags.DEFINE_string('fid_weights', None, "converted FID Inception weights; '' sk
 flags.DEFINE_string('compute_dtype', 'float32', 'float32 (reference numerics) or bfloat16')
 flags.DEFINE_multi_string('set', [], 'KEY=VALUE config override, e.g. evals.probe_steps=500')
 # --task=generation only.
-flags.DEFINE_string('tokenizer', None, 'generation: tokenizer folder or workdir decoding the samples')
+flags.DEFINE_string('tokenizer', None, 'generation: tokenizer folder or workdir that decodes')
 flags.DEFINE_integer('num_images', 1000, 'generation: samples (class-balanced) and real images')
 flags.DEFINE_float('cfg_scale', None, 'generation: guidance scale (default: the generator config)')
 flags.DEFINE_integer('steps', None, 'generation: ODE grid points (default: config)')
 flags.DEFINE_string('solver', None, "generation: 'euler' or 'heun' (default: config)")
 flags.DEFINE_integer('seed', 0, 'generation: sampling seed')
-flags.DEFINE_string('judge_dir', None, 'generation: vtp_shapes judge folder (default: beside the data)')
+flags.DEFINE_string('judge_dir', None, 'generation: vtp_shapes judge folder (default: by the data)')
 flags.mark_flags_as_required(['checkpoint', 'task'])
 FLAGS = flags.FLAGS
 

@@ -76,7 +76,7 @@ def sincos_pos_embed(width: int, grid: int) -> np.ndarray:
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-  """[cos(t f), sin(t f)] with f_i = max_period^(-i / (dim/2)), t in [0, 1] as LightningDiT feeds it."""
+  """[cos(t f), sin(t f)], f_i = max_period^(-i / (dim/2)); t in [0, 1], as LightningDiT feeds it."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = t.astype(jnp.float32)[:, None] * freqs[None]
@@ -168,6 +168,7 @@ class LightningDiT(nn.Module):
     table = self.param('y_embedder', param_with_axes(normal, ('classes', 'embed')),
                        (table_rows, s.width), jnp.float32)
     c = c + jnp.take(table, y, axis=0).astype(dtype)
+    c = nn.with_logical_constraint(c, ('act_batch', 'act_embed'))  # (B, D), one vector an example
 
     sin, cos = (jnp.asarray(a) for a in rope_tables(grid, s.head_dim, self.rope_base))
     block = DiTBlock

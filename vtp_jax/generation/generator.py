@@ -63,7 +63,8 @@ class Generator:
     try:
       mean, std = gen_data.load_stats(config)
     except ValueError as e:
-      raise ValueError(f'{e} (pass --latent_stats=PATH to sample elsewhere than training)') from None
+      raise ValueError(f'{e} (pass --latent_stats=PATH to sample elsewhere than training)'
+                       ) from None
     params = jax.tree.map(np.asarray, checkpointing.restore_subtree(step_dir, weights))
     return cls(config, params, mean, std)
 

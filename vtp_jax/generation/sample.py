@@ -69,7 +69,8 @@ def run(checkpoint: str, tokenizer: str, num_images: int, out: str, labels: str 
   images, chosen = gen.generate(tok, chosen, seed=seed, **overrides)
   write(out, images, chosen)
   return {'images': int(images.shape[0]), 'shape': list(images.shape[1:]),
-          'out': str(pathlib.Path(out) / 'samples.npz'), 'grid': str(pathlib.Path(out) / 'grid.png')}
+          'out': str(pathlib.Path(out) / 'samples.npz'),
+          'grid': str(pathlib.Path(out) / 'grid.png')}
 
 
 def main(argv):

@@ -1,5 +1,5 @@
-"""The flow-matching objective of LightningDiT (transport/ with path_type Linear, prediction velocity,
-use_cosine_loss, use_lognorm), on normalised latents.
+"""The flow-matching objective of LightningDiT (transport/ with path_type Linear, prediction
+velocity, use_cosine_loss, use_lognorm), on normalised latents.
 
 Direction (LightningDiT's ICPlan, as SiT): t = 0 is noise, t = 1 is data,
 
