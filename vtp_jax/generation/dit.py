@@ -157,7 +157,9 @@ class LightningDiT(nn.Module):
     tokens = tokens.reshape(b, grid * grid, p * p * ch)
     tokens = layers.dense(s.width, 'latent_channels', 'embed', 'x_embedder', dtype,
                           init=xavier_uniform(p * p * ch, s.width))(tokens)
-    tokens = tokens + jnp.asarray(sincos_pos_embed(s.width, grid), dtype)[None]
+    # Fixed tables stay NumPy constants of the program: nothing is placed on a device to build
+    # them, so abstract init and ahead-of-time lowering run nothing (train/state.py's rule).
+    tokens = tokens + sincos_pos_embed(s.width, grid).astype(dtype)[None]
     tokens = nn.with_logical_constraint(tokens, ('act_batch', 'act_seq', 'act_embed'))
 
     normal = nn.initializers.normal(0.02)
@@ -170,7 +172,7 @@ class LightningDiT(nn.Module):
     c = c + jnp.take(table, y, axis=0).astype(dtype)
     c = nn.with_logical_constraint(c, ('act_batch', 'act_embed'))  # (B, D), one vector an example
 
-    sin, cos = (jnp.asarray(a) for a in rope_tables(grid, s.head_dim, self.rope_base))
+    sin, cos = rope_tables(grid, s.head_dim, self.rope_base)
     block = DiTBlock
     if self.remat_policy != 'none':
       block = nn.remat(DiTBlock, policy=layers.REMAT_POLICIES[self.remat_policy],
