@@ -84,6 +84,7 @@ def model_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds parameter init, dropout and data order
+  c.task = 'tokenizer'  # what the driver trains: 'tokenizer' (VTP) or 'generation' (configs/dit_*.py)
   c.model = model_config()
 
   c.data = ml_collections.ConfigDict()

@@ -7,7 +7,8 @@ batch = {
            'mask': bool (Bs, 2, (G/p)^2)},
   'rec':  {'image': uint8 (Br, S, S, 3)},
 }
-A branch whose loss weight is 0 is absent. Axis 0 of every field is the batch axis, sharded over
+A branch whose loss weight is 0 is absent. With config.task='generation' the contract is the
+generator's (vtp_jax/generation/batch.py: {'dit': {'latent', 'label'}}); these functions dispatch. Axis 0 of every field is the batch axis, sharded over
 ('data', 'fsdp'); images cross to the device as uint8 and are normalised there.
 
 The SSL crops are batch-major (Bs, crops, ...), unlike DESIGN.md's crop-major (crops, Bs, ...):
@@ -22,6 +23,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vtp_jax import sharding
+from vtp_jax.generation import batch as gen_batch
+from vtp_jax.generation import is_generation
 
 N_GLOBAL_CROPS = 2
 
@@ -58,6 +61,8 @@ def ibot_buffer_size(config) -> int:
 def active_branches(config) -> tuple[str, ...]:
   weights = (('clip', config.loss.clip_weight), ('ssl', config.loss.ssl_weight),
              ('rec', config.loss.rec_weight))
+  if is_generation(config):
+    return (gen_batch.BRANCH,)
   active = tuple(name for name, weight in weights if weight)
   if not active:
     raise ValueError('loss.clip_weight, loss.ssl_weight and loss.rec_weight are all 0: nothing '
@@ -67,6 +72,8 @@ def active_branches(config) -> tuple[str, ...]:
 
 def batch_shapes(config) -> dict:
   """{branch: {field: (shape, dtype)}} of the global batch, for the active branches only."""
+  if is_generation(config):
+    return gen_batch.batch_shapes(config)
   d, m = config.data, config.model
   b, b_ssl, b_rec = sub_batch_sizes(config)
   s, g, lc = d.image_size, d.global_crop_size, d.local_crop_size
@@ -105,6 +112,8 @@ def abstract_batch(config, mesh) -> dict:
 
 def check_divisible(config, mesh) -> None:
   """Every sub-batch an active branch uses must split evenly over the batch-sharding axes."""
+  if is_generation(config):
+    return gen_batch.check_divisible(config, mesh)
   n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
   b, b_ssl, b_rec = sub_batch_sizes(config)
   active = active_branches(config)
@@ -119,6 +128,8 @@ def check_divisible(config, mesh) -> None:
 
 def synthetic_batch(config, seed: int = 0) -> dict:
   """A random batch of the right shapes; masks follow the buffer bound (DINOv2-style counts)."""
+  if is_generation(config):
+    return gen_batch.synthetic_batch(config, seed)
   rng = np.random.default_rng(seed)
   out = {}
   for branch, fields in batch_shapes(config).items():

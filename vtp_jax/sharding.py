@@ -30,6 +30,11 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('prototypes', 'tensor'),  # DINO/iBOT prototypes (65,536): rows of the prototype weight
     ('head_bottleneck', 'fsdp'),  # DINO head bottleneck (256): the prototype matrix's other dim
     ('layers', None),  # nn.scan's stacked-layer axis
+    # The generator (vtp_jax/generation/dit.py).
+    ('modulation', 'tensor'),  # adaLN output width (6 x D per block): the largest DiT matrices
+    ('latent_channels', None),  # latent channels x patch pixels (64 at patch 1): small, replicated
+    ('timestep_freq', None),  # sinusoidal timestep features (256): small, replicated
+    ('classes', None),  # class-embedding rows (classes + 1 null row): small, replicated
     # Activations.
     ('act_batch', BATCH_AXES),
     ('act_seq', None),

@@ -80,6 +80,7 @@ def main(argv):
 
   from vtp_jax import batch as batch_lib
   from vtp_jax.bench import common
+  from vtp_jax.generation import is_generation
   from vtp_jax.models import layers
   from vtp_jax.train import flops as flops_lib
 
@@ -124,10 +125,14 @@ def main(argv):
     peak, peak_source = float(FLAGS.peak), 'given'
   achieved = analytic['total'] / step_s
   b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
+  summary = {'encoder': config.model.encoder.width, 'depth': config.model.encoder.depth,
+             'batch': b, 'ssl_batch': b_ssl, 'rec_batch': b_rec,
+             'image_size': config.data.image_size}
+  if is_generation(config):  # the generator's sizes; the tokenizer sections are unused
+    summary = {'batch': b, 'dit': {k: config.dit[k] for k in (
+        'width', 'depth', 'heads', 'input_size', 'in_channels', 'patch_size')}}
   report = {
-      'config': {'encoder': config.model.encoder.width, 'depth': config.model.encoder.depth,
-                 'batch': b, 'ssl_batch': b_ssl, 'rec_batch': b_rec,
-                 'image_size': config.data.image_size,
+      'config': {**summary,
                  'branches': list(batch_lib.active_branches(config)),
                  'compute_dtype': config.precision.compute_dtype,
                  'remat': config.precision.remat_policy,

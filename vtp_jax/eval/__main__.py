@@ -7,6 +7,16 @@
 `--checkpoint` is a checkpoint folder or a training workdir (its latest step). Every other evals.*
 setting comes from the checkpoint's saved config, overridable with --set KEY=VALUE (any config key,
 typed like its current value). `--task=all` runs config.evals.tasks.
+
+A generator (configs/dit_*.py) is evaluated with --task=generation (eval/generation.py):
+
+    python -m vtp_jax.eval --task=generation --checkpoint=runs/dit_tiny --tokenizer=runs/vtp_tiny \\
+        --dataset=shapes:validation [--num_images=2000] [--cfg_scale=S] [--steps=K] \\
+        [--solver=heun] [--fid_weights=fid_inception.npz] [--judge_dir=DIR]
+
+gFID needs --fid_weights; on vtp_shapes the judge (eval/judge.py, trained on first use) adds
+judge_accuracy, its colour and shape parts, judge_fd and its own accuracy on the real images.
+--set overrides apply to the tokenizer's config (e.g. data.data_dir).
 """
 
 import json
@@ -23,6 +33,14 @@ flags.DEFINE_integer('max_train_examples', None, 'probe-fitting examples, 0 = al
 flags.DEFINE_string('fid_weights', None, "converted FID Inception weights; '' skips rFID")
 flags.DEFINE_string('compute_dtype', 'float32', 'float32 (reference numerics) or bfloat16')
 flags.DEFINE_multi_string('set', [], 'KEY=VALUE config override, e.g. evals.probe_steps=500')
+# --task=generation only.
+flags.DEFINE_string('tokenizer', None, 'generation: tokenizer folder or workdir that decodes')
+flags.DEFINE_integer('num_images', 1000, 'generation: samples (class-balanced) and real images')
+flags.DEFINE_float('cfg_scale', None, 'generation: guidance scale (default: the generator config)')
+flags.DEFINE_integer('steps', None, 'generation: ODE grid points (default: config)')
+flags.DEFINE_string('solver', None, "generation: 'euler' or 'heun' (default: config)")
+flags.DEFINE_integer('seed', 0, 'generation: sampling seed')
+flags.DEFINE_string('judge_dir', None, 'generation: vtp_shapes judge folder (default: by the data)')
 flags.mark_flags_as_required(['checkpoint', 'task'])
 FLAGS = flags.FLAGS
 
@@ -33,8 +51,10 @@ def main(argv):
   from vtp_jax.eval import common
   from vtp_jax.eval import runner
   from vtp_jax.inference import Tokenizer
+  if FLAGS.task == 'generation':
+    return _generation()
   if FLAGS.task != 'all' and FLAGS.task not in runner.TASKS:
-    raise app.UsageError(f'--task={FLAGS.task} is not one of {runner.TASKS} or all.')
+    raise app.UsageError(f'--task={FLAGS.task} is not one of {runner.TASKS}, generation or all.')
   tokenizer = Tokenizer.load(FLAGS.checkpoint, compute_dtype=FLAGS.compute_dtype)
   config = tokenizer.config
   for assignment in FLAGS.set:
@@ -56,6 +76,30 @@ def main(argv):
   if jax.process_index() == 0:
     print(json.dumps({'checkpoint': str(FLAGS.checkpoint), 'tasks': ev.tasks,
                       'dataset': ev.dataset, 'metrics': metrics}, sort_keys=True))
+
+
+def _generation():
+  import jax  # local: keeps --help fast
+  from vtp_jax.eval import common
+  from vtp_jax.eval import fid
+  from vtp_jax.eval import generation
+  from vtp_jax.generation.generator import Generator
+  from vtp_jax.inference import Tokenizer
+  if not FLAGS.tokenizer or not FLAGS.dataset:
+    raise app.UsageError('--task=generation needs --tokenizer and --dataset.')
+  gen = Generator.load(FLAGS.checkpoint)
+  tokenizer = Tokenizer.load(FLAGS.tokenizer, compute_dtype=FLAGS.compute_dtype)
+  for assignment in FLAGS.set:
+    common.apply_override(tokenizer.config, assignment)
+  fid_params = fid.load_params(FLAGS.fid_weights) if FLAGS.fid_weights else None
+  metrics = generation.run(
+      gen, tokenizer, FLAGS.dataset, num_images=FLAGS.num_images,
+      max_real=FLAGS.max_examples or 0, fid_params=fid_params, judge_dir=FLAGS.judge_dir,
+      seed=FLAGS.seed, cfg_scale=FLAGS.cfg_scale, steps=FLAGS.steps, solver=FLAGS.solver)
+  if jax.process_index() == 0:
+    print(json.dumps({'checkpoint': str(FLAGS.checkpoint), 'tokenizer': str(FLAGS.tokenizer),
+                      'tasks': 'generation', 'dataset': FLAGS.dataset, 'metrics': metrics},
+                     sort_keys=True))
 
 
 if __name__ == '__main__':

@@ -59,7 +59,7 @@ class BlockSpec:
   drop_path_mode: str = 'subset'  # 'subset' (DINOv2) or 'sample' (Bernoulli per sample)
   causal: bool = False  # causal self-attention (text tower)
   # 'vit': trunc-normal(0.02) everywhere (the reference); 'fan_in': trunc-normal(fan_in^-0.5);
-  # 'openclip': OpenCLIP text-tower stds
+  # 'openclip': OpenCLIP text-tower stds; 'xavier': LightningDiT's xavier-uniform (generation/dit.py)
   init: str = 'vit'
   depth_for_init: int = 1  # tower depth, for OpenCLIP's depth-scaled output-projection std
 
@@ -77,7 +77,7 @@ class BlockSpec:
     if self.dense not in ('xla', 'cpu'):
       raise ValueError(f"precision.dense={self.dense!r}; use 'xla' or 'cpu' (models/cpu_dense.py, "
                        "a compiled float32 CPU kernel).")
-    if self.init not in ('vit', 'fan_in', 'openclip'):
+    if self.init not in ('vit', 'fan_in', 'openclip', 'xavier'):
       raise ValueError(f"model.encoder/decoder.init={self.init!r}; use 'vit' (trunc-normal "
                        "0.02, the reference) or 'fan_in' (trunc-normal fan_in^-0.5).")
     if self.drop_path_mode not in ('subset', 'sample'):
@@ -94,6 +94,13 @@ class BlockSpec:
     if self.init == 'vit':
       return DENSE_INIT
     w = self.width
+    if self.init == 'xavier':  # bounds of torch's fused weights: qkv (3w, w), SwiGLU w12 (2h, w)
+      h = self.mlp_hidden
+      fans = {'qkv': (w, 3 * w), 'proj': (w, w), 'fc_out': (h, w),
+              'fc': (w, 2 * h if self.mlp == 'swiglu' else h)}[which]
+      bound = (6.0 / sum(fans)) ** 0.5
+      return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                       bound)
     if self.init == 'fan_in':
       fan_in = self.mlp_hidden if which == 'fc_out' else w
       return nn.initializers.truncated_normal(fan_in ** -0.5)

@@ -29,8 +29,9 @@ def save_config(path, config) -> None:
   (path / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def load_config(path) -> ml_collections.ConfigDict:
-  """The config saved in a checkpoint folder, over today's defaults (so new keys get defaults)."""
+def load_config(path, defaults=None) -> ml_collections.ConfigDict:
+  """The config saved in a checkpoint folder, over today's defaults (so new keys get defaults):
+  `defaults()` builds them (the generator's are configs/dit_base.get_config), else base.py's."""
   from configs import base  # local: configs is a sibling package; keep import cost off the hot path
   file = pathlib.Path(path) / CONFIG_FILE
   if not file.exists():  # a training workdir or step folder (train/checkpointing.py)
@@ -42,7 +43,7 @@ def load_config(path) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f'{file} not found: {path} is not a vtp-jax checkpoint folder '
                             '(expected config.json beside the params).')
   saved = json.loads(file.read_text())
-  config = base.get_config()
+  config = (defaults or base.get_config)()
   _merge(config, saved)
   return config
 

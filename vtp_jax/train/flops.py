@@ -100,8 +100,12 @@ def gan_stage_flops(config) -> dict:
 
 
 def step_flops(config) -> dict:
-  """{'clip', 'ssl', 'rec', 'total'}: analytic FLOPs of one step over the global batch (the GAN
-  stage's own split under `config.gan.enabled`)."""
+  """{'clip', 'ssl', 'rec', 'total'}: analytic FLOPs of one step over the global batch
+  ({'rec', 'disc', 'total'} under `config.gan.enabled`; {'dit', 'total'} for
+  config.task='generation', generation/flops.py)."""
+  if config.get('task', 'tokenizer') == 'generation':
+    from vtp_jax.generation import flops as gen_flops  # local: it imports this module
+    return gen_flops.step_flops(config)
   if config.get('gan', {}).get('enabled', False):
     return gan_stage_flops(config)
   d, m = config.data, config.model

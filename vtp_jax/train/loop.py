@@ -21,6 +21,7 @@ from absl import logging
 
 from vtp_jax import batch as batch_lib
 from vtp_jax import sharding
+from vtp_jax.generation import is_generation
 from vtp_jax.train import checkpoint as params_ckpt
 from vtp_jax.train import checkpointing
 from vtp_jax.train import flops as flops_lib
@@ -95,6 +96,23 @@ def _check_data_source(config) -> None:
     raise ConfigError(f'data.source={source!r}: no file matches {rest!r}; check the path/glob.')
 
 
+def _check_generation(config, process_count: int) -> None:
+  """The generator's data checks: latents.source and its statistics, the per-process batch."""
+  if int(config.data.batch_size) % process_count:
+    raise ConfigError(f'data.batch_size = {config.data.batch_size} does not split over '
+                      f'{process_count} processes.')
+  if config.train.init_from:
+    raise ConfigError('train.init_from is for tokenizer runs; a generator run resumes from its '
+                      'own workdir.')
+  if config.latents.source == 'synthetic':
+    return
+  from vtp_jax.generation import data as gen_data  # local: Grain and the latent reader
+  try:
+    gen_data.load_stats(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def validate(config, n_devices: int, process_count: int) -> tuple:
   """Every check that needs no compilation; returns the (data, fsdp, tensor) mesh shape."""
   t = config.train
@@ -115,6 +133,9 @@ def validate(config, n_devices: int, process_count: int) -> tuple:
     batch_lib.check_divisible(config, fake_mesh)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if is_generation(config):
+    _check_generation(config, process_count)
+    return shape
   active = batch_lib.active_branches(config)
   for branch, name, size in zip(('clip', 'ssl', 'rec'),
                                 ('data.batch_size', 'SSL sub-batch', 'rec sub-batch'),
@@ -132,7 +153,14 @@ def make_data_iterator(config, process_index: int, process_count: int, start_ste
   with another process count): synthetic data resumes exactly; the pipeline reshuffles with
   data.seed + start_step as its epoch seed (a Grain state cannot be split over a new host count).
   """
-  if config.data.get('source', '') == 'synthetic':
+  synthetic_source = (config.latents.source if is_generation(config)
+                      else config.data.get('source', ''))
+  if is_generation(config) and synthetic_source != 'synthetic':
+    from vtp_jax.generation import data as gen_data  # local: Grain and the latent reader
+    epoch_seed = int(config.data.seed) + start_step if start_step else None
+    return gen_data.make_iterator(config, process_index=process_index,
+                                  process_count=process_count, epoch_seed=epoch_seed)
+  if synthetic_source == 'synthetic':  # the generator's synthetic batches: batch.py dispatches
     from vtp_jax.data import synthetic  # local: the real pipeline is not needed for it
     return synthetic.make_iterator(config, process_index=process_index,
                                    process_count=process_count, start_step=start_step)
@@ -289,7 +317,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
       batch = next(data_iter)
       skips.add(batch.pop('skipped', None))
       batch.pop('labels', None)
-      if t.image_log_every and grid_images is None:
+      if t.image_log_every and grid_images is None and not is_generation(config):
         grid_images = metrics_lib.grid_source(batch, int(t.image_log_count))
         if pc > 1:  # every process must feed the same images to the (collective) reconstruction
           from jax.experimental import multihost_utils
@@ -312,7 +340,8 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
         metrics_lib.log_line(metrics_lib.progress_line(step, total, values))
         window_start, window_step = time.perf_counter(), step
 
-      if t.image_log_every and step % int(t.image_log_every) == 0:
+      if (t.image_log_every and step % int(t.image_log_every) == 0
+          and not is_generation(config)):
         reconstruct = reconstruct or metrics_lib.make_reconstruct(config, mesh)
         writer.image(step, 'reconstruction', metrics_lib.image_grid(
             grid_images, reconstruct(state.params, grid_images)))

@@ -238,10 +238,14 @@ def make_train_step(config, mesh, state_shardings, tx):
   """The jitted step `(state, batch, frozen) -> (state, metrics)`, state donated.
 
   Shardings are explicit on every input and output; metrics come back replicated. With
-  `config.gan.enabled` this is the decoder GAN stage's step (`train/gan_stage.py`).
+  `config.gan.enabled` this is the decoder GAN stage's step (`train/gan_stage.py`); with
+  `config.task='generation'` the generator's (`generation/step.py`).
   """
   batch_lib.check_divisible(config, mesh)
-  if config.gan.enabled:
+  if config.get('task', 'tokenizer') == 'generation':
+    from vtp_jax.generation import step as gen_step  # local: it builds on this package
+    step = gen_step.GenStep(config, tx)
+  elif config.gan.enabled:
     from vtp_jax.train import gan_stage  # local: gan_stage imports this package's state module
     step = gan_stage.GanStep(config, tx)
   else:

@@ -1,0 +1,46 @@
+"""The generator's train step: flow-matching loss (transport.py), AdamW, EMA of the weights, in one
+jitted, sharded function with the state donated. `make_train_step(config, mesh, shardings, tx)` has
+train/step.py's interface and goes through its `jit_step` (explicit shardings, nan_policy)."""
+
+import jax
+import optax
+
+from vtp_jax.generation import batch as gen_batch
+from vtp_jax.generation import dit
+from vtp_jax.generation import transport
+from vtp_jax.train import schedules
+
+
+class GenStep:
+  """(state, batch, frozen) -> (state, metrics); `frozen` is {} (no frozen networks)."""
+
+  def __init__(self, config, tx):
+    self.config = config
+    self.model = dit.build(config)
+    self.tx = tx
+    self.lr = schedules.lr_schedule(config.optim, int(config.train.steps),
+                                    int(config.data.batch_size))
+
+  def velocity(self, params, x, t, y):
+    return self.model.apply({'params': params}, x, t, y)
+
+  def __call__(self, state, batch, frozen):
+    del frozen
+    c, d = self.config, self.config.dit
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    data = batch[gen_batch.BRANCH]
+
+    def loss_fn(params):
+      return transport.flow_loss(
+          self.velocity, params, data['latent'], data['label'], key, t_mu=float(c.flow.t_mu),
+          t_sigma=float(c.flow.t_sigma), cosine_weight=float(c.flow.cosine_weight),
+          null_class=int(d.num_classes), class_dropout=float(d.class_dropout))
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = float(c.flow.ema_decay)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                   update_norm=optax.tree.norm(updates), lr=self.lr(state.step))
+    return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state), metrics
