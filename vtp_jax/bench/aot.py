@@ -26,6 +26,7 @@ the best one. See docs/scaling.md for the tables this produced.
 """
 
 import json
+import re
 import sys
 import time
 
@@ -64,6 +65,47 @@ def _state_bytes_per_device(abstract_state, compiled_shardings) -> dict:
   return out
 
 
+_HBM_EXHAUSTED = re.compile(r'memory required for HLO temporaries \(([0-9.]+)G\) exceeds')
+
+
+def _report_without_executable(config, target, mesh, inputs, temporaries, error, compile_s):
+  """The report of a program the compiler refused for lack of HBM: arguments from the inputs'
+  shard shapes, temporaries from the compiler's message, no executable to read anything else from.
+  """
+  import jax
+
+  from vtp_jax import batch as batch_lib
+  from vtp_jax import sharding
+  from vtp_jax.train import flops as flops_lib
+  args = sharding.abstract_bytes_per_device(inputs, jax.tree.map(lambda x: x.sharding, inputs))
+  analytic = flops_lib.step_flops(config)['total'] / mesh.devices.size
+  b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
+  compute = analytic / target.chip.peak_flops
+  return {
+      'topology': target.topology, 'target': target.name, 'chip': target.chip.name,
+      'slices': target.slices, 'devices': mesh.devices.size, 'mesh': dict(mesh.shape),
+      'batch': {'clip': b, 'ssl': b_ssl, 'rec': b_rec},
+      'precision': {'compute_dtype': config.precision.compute_dtype,
+                    'remat_policy': config.precision.remat_policy,
+                    'scan_layers': bool(config.precision.scan_layers),
+                    'attention': config.precision.attention},
+      'memory_per_device_gib': {'arguments': args / GIB, 'outputs': None, 'aliased': None,
+                                'temporaries': temporaries / GIB,
+                                'peak': (args + temporaries) / GIB},
+      'hbm_gib': target.chip.hbm_bytes / GIB,
+      'fits': False,
+      'compile_error': error[:300],
+      'flops_per_device': {'xla': None, 'analytic': analytic},
+      'collectives': None,
+      'compile_s': round(compile_s, 1),
+      'bound_s': {'compute': compute},
+      'bound_step_s': compute,
+      'mfu_ceiling': None,
+      'chip_source': target.chip.source,
+      'jax': jax.__version__,
+  }
+
+
 def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') -> dict:
   """Compiles the config's train step for `target` and returns the report (see the module doc)."""
   import jax
@@ -88,7 +130,17 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
     lowered = step.jitted.lower(state, batch, frozen)
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    needed = _HBM_EXHAUSTED.search(str(e))
+    if needed is None:
+      raise
+    # The TPU compiler refuses a program whose buffers exceed HBM: it does not fit, and the
+    # message says how much its temporaries need.
+    return _report_without_executable(config, target, mesh, (state, batch, frozen),
+                                      float(needed.group(1)) * GIB, str(e).splitlines()[0],
+                                      time.perf_counter() - t0)
   compile_s = time.perf_counter() - t0
 
   state_bytes = _state_bytes_per_device(state, compiled.output_shardings[0])

@@ -105,9 +105,10 @@ def table(rows: list[dict]) -> str:
     if 'error' in r:
       lines.append(f"| {mesh} | {row['remat']} | {row['scan']} | error: {r['error']} |||||")
       continue
+    ceiling = f"{r['mfu_ceiling']:.3f}" if r.get('mfu_ceiling') is not None else '-'
     lines.append(f"| {mesh} | {row['remat']} | {row['scan']} | {r['fits']} | "
                  f"{r['memory_per_device_gib']['peak']:.1f} | {r['bound_step_s']:.3f} | "
-                 f"{r['mfu_ceiling']:.3f} | {r['compile_s']} |")
+                 f"{ceiling} | {r['compile_s']} |")
   return '\n'.join(lines)
 
 
