@@ -25,6 +25,7 @@ processes, ranks them (fitting first, then by the largest bound) and ends with t
 the best one. See docs/scaling.md for the tables this produced.
 """
 
+import dataclasses
 import json
 import re
 import sys
@@ -59,10 +60,23 @@ def _state_bytes_per_device(abstract_state, compiled_shardings) -> dict:
     return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
                for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
-  for field in ('params', 'opt_state', 'teacher', 'disc'):
-    out[field] = nbytes(getattr(abstract_state, field), getattr(compiled_shardings, field))
+  for field in dataclasses.fields(abstract_state):  # TrainState, or the generator's GenState
+    if field.name not in ('step', 'rng', 'loss_state'):
+      out[field.name] = nbytes(getattr(abstract_state, field.name),
+                               getattr(compiled_shardings, field.name))
   out['total'] = nbytes(abstract_state, compiled_shardings)  # with the counters, rng, centres
   return out
+
+
+def _batch_sizes(config) -> dict:
+  """The global batch per branch: {'clip', 'ssl', 'rec'} (0 where a loss is off), or the
+  generator's {'dit'}."""
+  from vtp_jax import batch as batch_lib
+  from vtp_jax.generation import is_generation
+  if is_generation(config):
+    return {'dit': int(config.data.batch_size)}
+  sizes = dict(zip(('clip', 'ssl', 'rec'), batch_lib.sub_batch_sizes(config)))
+  return {k: v if k in batch_lib.active_branches(config) else 0 for k, v in sizes.items()}
 
 
 _HBM_EXHAUSTED = re.compile(r'memory required for HLO temporaries \(([0-9.]+)G\) exceeds')
@@ -74,17 +88,15 @@ def _report_without_executable(config, target, mesh, inputs, temporaries, error,
   """
   import jax
 
-  from vtp_jax import batch as batch_lib
   from vtp_jax import sharding
   from vtp_jax.train import flops as flops_lib
   args = sharding.abstract_bytes_per_device(inputs, jax.tree.map(lambda x: x.sharding, inputs))
   analytic = flops_lib.step_flops(config)['total'] / mesh.devices.size
-  b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
   compute = analytic / target.chip.peak_flops
   return {
       'topology': target.topology, 'target': target.name, 'chip': target.chip.name,
       'slices': target.slices, 'devices': mesh.devices.size, 'mesh': dict(mesh.shape),
-      'batch': {'clip': b, 'ssl': b_ssl, 'rec': b_rec},
+      'batch': _batch_sizes(config),
       'precision': {'compute_dtype': config.precision.compute_dtype,
                     'remat_policy': config.precision.remat_policy,
                     'scan_layers': bool(config.precision.scan_layers),
@@ -188,8 +200,6 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
   if multi and chip.dcn_bytes_per_s:
     bounds['dcn'] = dcn_traffic / chip.dcn_bytes_per_s
   bound = max(bounds.values())
-  b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
-  branches = batch_lib.active_branches(config)
   return {
       'topology': target.topology,
       'target': target.name,
@@ -197,8 +207,7 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
       'slices': target.slices,
       'devices': n,
       'mesh': dict(mesh.shape),
-      'batch': {'clip': b if 'clip' in branches else 0, 'ssl': b_ssl if 'ssl' in branches else 0,
-                'rec': b_rec if 'rec' in branches else 0},
+      'batch': _batch_sizes(config),
       'precision': {'compute_dtype': config.precision.compute_dtype,
                     'remat_policy': config.precision.remat_policy,
                     'scan_layers': bool(config.precision.scan_layers),
