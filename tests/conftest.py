@@ -13,10 +13,11 @@ import tempfile
 
 # LLVM at -O0 for every program the tests compile, in process and in the launch/main.py
 # subprocesses: the suite is compile-bound (micro models whose steps take milliseconds), and -O0
-# compiles the train step about 40% faster (it took a quarter off the whole suite; see the
-# benchmarks' twelfth session). XLA's own HLO passes (fusion, sharding, simplification) run as in
-# production; what changes is that LLVM does not contract a multiply and an add into one FMA, so a
-# program's float32 arithmetic is NumPy's, rounding for rounding (test_step.py relies on it).
+# compiles the train step about 40% faster (it took a quarter off the whole suite; see
+# docs/benchmarks.md, 'Test suite time'). XLA's own HLO passes (fusion, sharding,
+# simplification) run as in production; what changes is that LLVM does not contract a multiply
+# and an add into one FMA, so a program's float32 arithmetic is NumPy's, rounding for rounding
+# (test_step.py relies on it).
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 # Appended after the caller's XLA_FLAGS, so these win over a repeated flag.

@@ -4,8 +4,8 @@ applied by re-executing the process before JAX starts.
 Why: XLA:CPU takes each execution's temporary buffer (2.3 GB for the `vtp_s` autoencoder step at
 batch 8) from malloc, and glibc serves every request over 32 MB with a fresh mmap that it unmaps on
 free. Every step then page-faults its whole working set in again: 560,000 faults and 2.6 s of kernel
-time in a 7-9 s step on 2 cores (docs/benchmarks.md, thirteenth session). glibc reads its tunables
-only when a process starts (the GLIBC_TUNABLES variable), hence the re-exec: entry points
+time in a 7-9 s step on 2 cores (docs/benchmarks.md, 'Host malloc page faults'). glibc reads its
+tunables only when a process starts (the GLIBC_TUNABLES variable), hence the re-exec: entry points
 (launch/main.py, the benchmarks) call `apply` first thing, the process starts again with the
 variable set, and that second start returns at once.
 

@@ -89,7 +89,8 @@ def smooth_images(batch, seed=0):
 def test_hundred_steps_drive_every_enabled_loss_down():
   config = step_config(koleo_weight=0.0)
   # 1 reconstructed image: LPIPS on the micro config's 32 px images is most of this test's time
-  # (VGG16's 2 x 2 maps are a slow case for XLA:CPU convolutions; docs/benchmarks.md).
+  # (VGG16's 2 x 2 maps are a slow case for XLA:CPU convolutions; docs/benchmarks.md,
+  # 'LPIPS at 32 px').
   config.data.rec_batch_fraction = 0.125
   # Constant lr 3e-3 after a 10-step warm-up. Measured here: L1 0.403 -> 0.015, CLIP 3.96 -> 0.00 and
   # LPIPS 0.867 -> 0.002 over 100 steps (with 4 reconstructed images and the default cosine decay

@@ -10,7 +10,8 @@ Runs the real step (`vtp_jax.bench.common.build_step`, synthetic batch) once to 
     (`text/blocks_N/mlp/fc1/dot_general`) and the pass named (`forward`, `backward`).
 Operations may overlap (XLA:CPU runs independent ones concurrently), so `op_time_s` can exceed the
 step time; the shares still say which operations to look at. This is how the LayerNorm backward
-chain (docs/benchmarks.md, fourth session) was found. Imports stay inside main(), as in step.py.
+chain (docs/benchmarks.md, 'LayerNorm backward') was found. Imports stay inside main(), as in
+step.py.
 """
 
 import collections

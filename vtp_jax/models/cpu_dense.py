@@ -3,8 +3,9 @@
 
 At the blocks' shapes (thousands of tokens x 384-1536 features, float32) XLA:CPU's matmuls run
 20-30% below one BLAS call on small CPUs, and they are about three quarters of a CPU step
-(docs/benchmarks.md). Here the forward is one sgemm, the backward two (dx = dy W^T, dW = x^T dy),
-tied together by a custom VJP; each call is cut into row or column blocks over XLA's own threads.
+(docs/benchmarks.md, 'CPU kernels'). Here the forward is one sgemm, the backward two
+(dx = dy W^T, dW = x^T dy), tied together by a custom VJP; each call is cut into row or column
+blocks over XLA's own threads.
 Biases, activations and everything else stay XLA's.
 
 Layers reach it through `matmul` (x (..., *in) times a (*in, *out) kernel), `einsum` (the same

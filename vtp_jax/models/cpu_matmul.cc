@@ -2,7 +2,8 @@
 // cpu_dense.py (precision.dense='cpu') for the transformer blocks' linear layers.
 //
 // Why it exists: at the blocks' shapes (a few thousand tokens x 384-1536 features) XLA:CPU's own
-// matmuls reach 20-30% less than one BLAS call on the same 2-core machine (docs/benchmarks.md).
+// matmuls reach 20-30% less than one BLAS call on the same 2-core machine
+// (docs/benchmarks.md, 'CPU kernels').
 // Row-major C (m x n) = op(A) op(B), where op transposes when asked: the forward is A B, the two
 // gradients are dC B^T and A^T dC, so one handler serves the layer's forward and backward.
 //

@@ -89,7 +89,8 @@ class BlockSpec:
     OpenCLIP's text tower (spec 1.6): attention std w^-0.5, output projections w^-0.5 (2 depth)^-0.5,
     MLP input (2w)^-0.5. The ViT towers use trunc-normal(0.02) throughout (spec 1.13), a scale set
     for widths near 768; 'fan_in' uses each layer's fan-in instead (LeCun), since at width 128 the
-    0.02 is a quarter of w^-0.5. What each changes is measured in docs/benchmarks.md (sixth session).
+    0.02 is a quarter of w^-0.5. What each changes is measured in docs/benchmarks.md, 'The demo
+    learns colour, not shape'.
     """
     if self.init == 'vit':
       return DENSE_INIT
