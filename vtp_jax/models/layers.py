@@ -49,6 +49,7 @@ class BlockSpec:
   norm_eps: float = 1e-5
   qkv_bias: bool = True
   qk_norm: bool = False
+  qk_norm_eps: float = 1e-5  # the reference's q/k RMSNorm eps, independent of norm_eps
   layerscale: float = 0.0  # 0 disables LayerScale
   dtype: str = 'float32'  # compute dtype
   rope_dtype: str = 'bfloat16'
@@ -276,8 +277,8 @@ class Attention(nn.Module):
     q, k, v = qkv[0], qkv[1], qkv[2]
     token_axis = 2 if heads_first else 1
     if s.qk_norm:
-      q = RMSNorm(eps=s.norm_eps, axis_name='head_dim', name='q_norm')(q)
-      k = RMSNorm(eps=s.norm_eps, axis_name='head_dim', name='k_norm')(k)
+      q = RMSNorm(eps=s.qk_norm_eps, axis_name='head_dim', name='q_norm')(q)
+      k = RMSNorm(eps=s.qk_norm_eps, axis_name='head_dim', name='k_norm')(k)
     if sin is not None:
       q = rope_lib.apply_rope(q, sin, cos, s.rope_dtype, token_axis)
       k = rope_lib.apply_rope(k, sin, cos, s.rope_dtype, token_axis)
