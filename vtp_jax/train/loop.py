@@ -26,7 +26,7 @@ from vtp_jax.train import checkpointing
 from vtp_jax.train import flops as flops_lib
 from vtp_jax.train import in_flight
 from vtp_jax.train import metrics as metrics_lib
-from vtp_jax.train import state as state_lib
+from vtp_jax.train import stages
 from vtp_jax.train import step as step_lib
 # Raised from the loop; callers (launch/main.py, tests) catch it as loop.NonFiniteLoss.
 from vtp_jax.train.in_flight import NonFiniteLoss  # noqa: F401
@@ -229,7 +229,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
 
   if latest is not None:
     # Shapes and shardings only: no random state is initialised just to be overwritten.
-    target, shardings, tx = state_lib.create(config, mesh, abstract=True)
+    target, shardings, tx = stages.create_state(config, mesh, abstract=True)
     fits = ckpts.data_state_saved_here(latest)
     state = ckpts.restore(latest, target, data_iter if fits else None)
     if not fits:
@@ -238,7 +238,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
       data_iter = make_data_iterator(config, pi, pc, start_step=latest)
     logging.info('Resumed from %s/%d.', ckpts.root, latest)
   else:
-    state, shardings, tx = state_lib.create(config, mesh)
+    state, shardings, tx = stages.create_state(config, mesh)
     if t.init_from:
       state = checkpointing.init_from(t.init_from, state, shardings, config)
   start = int(jax.device_get(state.step))
