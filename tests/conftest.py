@@ -51,12 +51,12 @@ import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-from vtp_jax.models import cpu_kernels  # noqa: E402
+from vtp_jax.kernels import cpu_build  # noqa: E402
 
 # For tests of precision.attention='cpu' and precision.dense='cpu', whose kernels are built with the
 # system's C++ compiler.
 needs_cpp_compiler = pytest.mark.skipif(
-    cpu_kernels.compiler() is None,
+    cpu_build.compiler() is None,
     reason="the 'cpu' kernels are compiled on first use and no C++ compiler was found")
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / 'shared'
