@@ -268,7 +268,7 @@ def test_bad_config_fails_before_compiling_with_one_clear_line(changes, message,
     raise AssertionError('compiled or initialised before the config was checked')
 
   monkeypatch.setattr(loop, 'compile_step', must_not_run)
-  monkeypatch.setattr(loop.state_lib, 'create', must_not_run)
+  monkeypatch.setattr(loop.stages, 'create_state', must_not_run)
   with pytest.raises(loop.ConfigError, match=message) as error:
     loop.train_and_evaluate(_bad(**changes), tmp_path / 'work')
   assert '\n' not in str(error.value)
@@ -276,7 +276,7 @@ def test_bad_config_fails_before_compiling_with_one_clear_line(changes, message,
 
 def test_empty_data_folder_is_a_config_error(tmp_path, monkeypatch):
   (tmp_path / 'images').mkdir()
-  monkeypatch.setattr(loop.state_lib, 'create', lambda *a, **k: pytest.fail('initialised'))
+  monkeypatch.setattr(loop.stages, 'create_state', lambda *a, **k: pytest.fail('initialised'))
   with pytest.raises(loop.ConfigError, match='holds no files'):
     loop.train_and_evaluate(_bad(**{'data.source': f'folder:{tmp_path / "images"}'}),
                             tmp_path / 'work')
