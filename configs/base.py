@@ -30,9 +30,10 @@ def model_config() -> ml_collections.ConfigDict:
   m.encoder.mlp = 'swiglu'  # 'swiglu' (three biased linears) or 'gelu' (two) [HF]
   m.encoder.mlp_ratio = 4.0  # hidden = ratio*D; SwiGLU takes 2/3 of it rounded up to 8 [C]
   m.encoder.norm = 'rmsnorm'  # 'rmsnorm' (weight only) or 'layernorm' [HF]
-  m.encoder.norm_eps = 1e-5  # epsilon of every encoder norm [C]
+  m.encoder.norm_eps = 1e-5  # encoder block/final norms; reference: rmsnorm 1e-5, layernorm 1e-6, layernormbf16 1e-5 [C]
   m.encoder.qkv_bias = True  # bias on the fused qkv projection [C]
   m.encoder.qk_norm = False  # RMSNorm(head_dim) on q and k before RoPE; off in released weights [HF]
+  m.encoder.qk_norm_eps = 1e-5  # q/k RMSNorm epsilon, whatever the block norm [C]
   m.encoder.layerscale = 0.0  # LayerScale init value; 0 disables it (released: null) [HF]
   m.encoder.init = 'vit'  # linear init: 'vit' trunc-normal(0.02) [C]; 'fan_in' std fan_in^-0.5
   m.encoder.n_registers = 0  # storage/register tokens after CLS (released: 0) [C]
@@ -67,9 +68,10 @@ def model_config() -> ml_collections.ConfigDict:
   m.decoder.mlp = 'swiglu'  # as encoder [HF]
   m.decoder.mlp_ratio = 4.0  # as encoder [HF]
   m.decoder.norm = 'layernorm'  # LayerNorm with bias [HF]
-  m.decoder.norm_eps = 1e-6  # decoder norm epsilon [C]
+  m.decoder.norm_eps = 1e-6  # decoder norms; the reference ties it to the type, as the encoder's [C]
   m.decoder.qkv_bias = True  # [C]
   m.decoder.qk_norm = False  # [HF]
+  m.decoder.qk_norm_eps = 1e-5  # q/k RMSNorm epsilon, as encoder [C]
   m.decoder.layerscale = 0.0  # [HF]
   m.decoder.init = 'vit'  # as encoder [C]
 
@@ -219,8 +221,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.precision.rope_dtype = 'bfloat16'  # 'bfloat16' reproduces the reference RoPE bit for bit [C]
   c.precision.scan_layers = False  # False: unrolled blocks, faster steps; True: nn.scan, compile time flat in depth
   c.precision.remat_policy = 'none'  # 'none', 'full', 'dots', 'dots_no_batch': what blocks keep for backward
-  c.precision.attention = 'xla'  # 'xla': models/attention.py; 'cpu': models/cpu_attention.py (float32 kernel); 'jax' / 'cudnn': jax.nn.dot_product_attention
-  c.precision.dense = 'xla'  # blocks' linear layers: 'xla' (jnp), or 'cpu': models/cpu_dense.py (float32 BLAS kernel)
+  c.precision.attention = 'xla'  # kernels/attention.py: 'xla' (ours), 'cpu' (C++ float32), 'cudnn' (GPU), 'splash' (TPU), 'jax' (jax.nn)
+  c.precision.dense = 'xla'  # kernels/dense.py, blocks' linear layers: 'xla' (jnp) or 'cpu' (C++ float32 BLAS)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size; -1 takes the devices left over

@@ -54,12 +54,12 @@ import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-from vtp_jax.models import cpu_kernels  # noqa: E402
+from vtp_jax.kernels import cpu_build  # noqa: E402
 
 # For tests of precision.attention='cpu' and precision.dense='cpu', whose kernels are built with the
 # system's C++ compiler.
 needs_cpp_compiler = pytest.mark.skipif(
-    cpu_kernels.compiler() is None,
+    cpu_build.compiler() is None,
     reason="the 'cpu' kernels are compiled on first use and no C++ compiler was found")
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / 'shared'
@@ -136,8 +136,8 @@ def get_config():
 
 def assert_abstract_state_describes(state, config, mesh):
   """`create(abstract=True)` gives exactly the shapes, dtypes and shardings `create` makes."""
-  from vtp_jax.train import state as state_lib  # local, as in the fixtures above
-  abstract, _, _ = state_lib.create(config, mesh, abstract=True)
+  from vtp_jax.train import stages  # local, as in the fixtures above
+  abstract, _, _ = stages.create_state(config, mesh, abstract=True)
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
   paths_and_arrays = jax.tree_util.tree_flatten_with_path(state)[0]
   for (path, want), got in zip(paths_and_arrays, jax.tree.leaves(abstract)):

@@ -7,7 +7,7 @@ import pytest
 from scipy import linalg
 
 from vtp_jax.eval import fid
-from vtp_jax.tools import convert_fid_inception
+from vtp_jax.eval import fid_weights
 
 
 def _scipy_frechet(mu1, s1, mu2, s2):
@@ -119,12 +119,12 @@ def test_converter_reads_torch_names_from_npz_and_safetensors(random_inception, 
   save_file(state, str(tmp_path / 'pt.safetensors'))
   want = random_inception['Mixed_5b']['branch5x5_2']['conv']['kernel']
   for name in ('pt.npz', 'pt.safetensors'):
-    params = fid.load_params(tmp_path / name)
+    params = fid_weights.load_params(tmp_path / name)
     np.testing.assert_array_equal(params['Mixed_5b']['branch5x5_2']['conv']['kernel'], want)
     np.testing.assert_array_equal(params['Mixed_7c']['branch_pool']['var'],
                                   state['Mixed_7c.branch_pool.bn.running_var'])
-  convert_fid_inception.save(params, tmp_path / 'converted.npz')
-  again = fid.load_params(tmp_path / 'converted.npz')
+  fid_weights.save(params, tmp_path / 'converted.npz')
+  again = fid_weights.load_params(tmp_path / 'converted.npz')
   np.testing.assert_array_equal(again['Conv2d_4a_3x3']['conv']['kernel'],
                                 random_inception['Conv2d_4a_3x3']['conv']['kernel'])
 
@@ -132,9 +132,9 @@ def test_converter_reads_torch_names_from_npz_and_safetensors(random_inception, 
   state['Mixed_9z.branch1x1.conv.weight'] = np.zeros((1, 1, 1, 1), np.float32)
   np.savez(tmp_path / 'bad.npz', **state)
   with pytest.raises(ValueError, match=r'1 missing \[Mixed_6a/branch3x3/mean\].*1 unexpected'):
-    fid.load_params(tmp_path / 'bad.npz')
+    fid_weights.load_params(tmp_path / 'bad.npz')
   with pytest.raises(ValueError, match='torch'):
-    convert_fid_inception.read_arrays(tmp_path / 'weights.pth')
+    fid_weights.read_arrays(tmp_path / 'weights.pth')
 
 
 def test_fid_pools_exclude_padding_like_pytorch_fid():

@@ -15,8 +15,9 @@ from vtp_jax.generation import sample
 from vtp_jax.generation.generator import Generator
 from vtp_jax.inference import Tokenizer
 from vtp_jax.models import vtp
-from vtp_jax.train import checkpoint
-from vtp_jax.train import checkpointing
+from vtp_jax import checkpoint_io
+from vtp_jax.train import checkpoints
+from vtp_jax.train import stages
 from vtp_jax.train import state as state_lib
 
 
@@ -28,8 +29,8 @@ def checkpoints(tmp_path_factory):
   config = micro_config()
   config.latents.source = f'arrayrecord:{root}/latents/latents-*.array_record'
   mesh = sharding.make_mesh(config.mesh)
-  state, _, _ = state_lib.create(config, mesh)
-  ckpts = checkpointing.Checkpoints(root / 'gen', 1)
+  state, _, _ = stages.create_state(config, mesh)
+  ckpts = checkpoints.Checkpoints(root / 'gen', 1)
   ckpts.save(0, state, None, config)
   ckpts.close()
   tok_config = tokenizer_micro_config()  # 32 px images -> 2 x 2 x 8 latents, as the generator's
@@ -37,7 +38,7 @@ def checkpoints(tmp_path_factory):
   images, tokens = state_lib._init_inputs(tok_config)
   params = jax.jit(lambda k: nn.unbox(model.init({'params': k}, images, tokens)['params']))(
       jax.random.key(0))
-  checkpoint.save_params(root / 'tok', tok_config, params)
+  checkpoint_io.save_params(root / 'tok', tok_config, params)
   return root / 'gen', root / 'tok', stats
 
 

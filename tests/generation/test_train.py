@@ -12,10 +12,10 @@ from gen_util import micro_config, write_latents
 from vtp_jax import batch as batch_lib
 from vtp_jax import sharding
 from vtp_jax.generation import data as gen_data
-from vtp_jax.train import checkpoint
+from vtp_jax import checkpoint_io
 from vtp_jax.train import flops
 from vtp_jax.train import loop
-from vtp_jax.train import state as state_lib
+from vtp_jax.train import stages
 from vtp_jax.train import step as step_lib
 
 
@@ -29,7 +29,7 @@ def test_state_is_sharded_abstract_twin_matches_and_step_updates_the_ema():
   config = micro_config()
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(config.mesh)
-  state, shardings, tx = state_lib.create(config, mesh)
+  state, shardings, tx = stages.create_state(config, mesh)
   assert_abstract_state_describes(state, config, mesh)
   adaln = state.params['blocks_0']['modulation']['adaLN']['kernel']  # (D, 6, D)
   assert adaln.sharding.spec == jax.sharding.PartitionSpec('fsdp', None, 'tensor')
@@ -103,8 +103,8 @@ def test_driver_trains_checkpoints_and_resumes_to_the_same_weights(latents, tmp_
   assert summary['start_step'] == 3 and summary['step'] == 6
   rows = [json.loads(line) for line in (straight / 'metrics.jsonl').read_text().splitlines()]
   assert {'loss', 'mse', 'cos_loss', 'grad_norm'} <= set(rows[-1])
-  a = checkpoint.load_item(straight, 'ema')
-  b = checkpoint.load_item(resumed, 'ema')
+  a = checkpoint_io.load_item(straight, 'ema')
+  b = checkpoint_io.load_item(resumed, 'ema')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -123,7 +123,7 @@ def test_dit_xl_lowers_from_abstract_state_and_batch_as_the_aot_tool_does():
   config.data.batch_size = 8
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(config.mesh)
-  state, shardings, tx = state_lib.create(config, mesh, abstract=True)
+  state, shardings, tx = stages.create_state(config, mesh, abstract=True)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   assert n_params / 1e6 == pytest.approx(675.0, abs=0.5)

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import FAST_COMPILE, MICRO_CONFIG, micro_config
-from vtp_jax.train import checkpoint
-from vtp_jax.train import checkpointing
+from vtp_jax import checkpoint_io
 from vtp_jax.train import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -70,11 +69,11 @@ def _wait_for(proc, pattern, timeout=300):
 
 
 def _params(workdir):
-  return jax.tree.map(np.asarray, checkpoint.load_item(workdir, 'params'))
+  return jax.tree.map(np.asarray, checkpoint_io.load_item(workdir, 'params'))
 
 
 def _latest(workdir):
-  latest = checkpointing.latest_step_dir(workdir)
+  latest = checkpoint_io.latest_step_dir(workdir)
   return None if latest is None else int(latest.name)
 
 
@@ -177,7 +176,7 @@ def test_nan_policies_stop_keeps_the_last_good_checkpoint_and_skip_drops_the_upd
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(good))
 
   assert out['skip']['step'] == 8
-  by_step = {s: _params(checkpointing.checkpoint_root(tmp_path / 'skip') / str(s))
+  by_step = {s: _params(checkpoint_io.checkpoint_root(tmp_path / 'skip') / str(s))
              for s in (4, 5, 6)}
   for a, b in zip(jax.tree.leaves(by_step[4]), jax.tree.leaves(by_step[5])):
     np.testing.assert_array_equal(a, b)  # step 5's update was dropped
@@ -269,7 +268,7 @@ def test_bad_config_fails_before_compiling_with_one_clear_line(changes, message,
     raise AssertionError('compiled or initialised before the config was checked')
 
   monkeypatch.setattr(loop, 'compile_step', must_not_run)
-  monkeypatch.setattr(loop.state_lib, 'create', must_not_run)
+  monkeypatch.setattr(loop.stages, 'create_state', must_not_run)
   with pytest.raises(loop.ConfigError, match=message) as error:
     loop.train_and_evaluate(_bad(**changes), tmp_path / 'work')
   assert '\n' not in str(error.value)
@@ -277,7 +276,7 @@ def test_bad_config_fails_before_compiling_with_one_clear_line(changes, message,
 
 def test_empty_data_folder_is_a_config_error(tmp_path, monkeypatch):
   (tmp_path / 'images').mkdir()
-  monkeypatch.setattr(loop.state_lib, 'create', lambda *a, **k: pytest.fail('initialised'))
+  monkeypatch.setattr(loop.stages, 'create_state', lambda *a, **k: pytest.fail('initialised'))
   with pytest.raises(loop.ConfigError, match='holds no files'):
     loop.train_and_evaluate(_bad(**{'data.source': f'folder:{tmp_path / "images"}'}),
                             tmp_path / 'work')

@@ -6,7 +6,7 @@ it costs there: memory per chip, FLOPs, collectives, and lower bounds on the ste
   python -m vtp_jax.bench.aot --config=configs/vtp_l.py --topology=v5p-256 --plan
 
 Nothing runs on the target: the state, batch and frozen inputs are ShapeDtypeStructs carrying their
-shardings (`state.create(abstract=True)`, `batch.abstract_batch`), and `jit(step).lower(...)
+shardings (`stages.create_state(abstract=True)`, `batch.abstract_batch`), and `jit(step).lower(...)
 .compile()` produces the executable the target would run. Its `memory_analysis()` gives the bytes
 per device (`peak` = arguments + outputs - aliased + temporaries, what must fit in HBM at once),
 `cost_analysis()` the per-device FLOPs and HBM bytes (XLA counts a loop body once, so for scanned
@@ -127,13 +127,13 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
   from vtp_jax.bench import hlo_stats
   from vtp_jax.bench import targets as targets_lib
   from vtp_jax.train import flops as flops_lib
-  from vtp_jax.train import state as state_lib
+  from vtp_jax.train import stages
   from vtp_jax.train import step as step_lib
 
   devices = devices if devices is not None else targets_lib.devices(target)
   tpu_slices = target.slices if target.platform == 'tpu' else 1
   mesh = sharding.make_mesh(config.mesh, devices, slices=tpu_slices)
-  state, shardings, tx = state_lib.create(config, mesh, abstract=True)
+  state, shardings, tx = stages.create_state(config, mesh, abstract=True)
   step = step_lib.make_train_step(config, mesh, shardings, tx)
   batch = batch_lib.abstract_batch(config, mesh)
   frozen = sharding.with_shardings(

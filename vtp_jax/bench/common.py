@@ -12,11 +12,11 @@ def build_step(config):
 
   from vtp_jax import batch as batch_lib
   from vtp_jax import sharding
-  from vtp_jax.train import state as state_lib
+  from vtp_jax.train import stages
   from vtp_jax.train import step as step_lib
 
   mesh = sharding.make_mesh(config.mesh)
-  state, shardings, tx = state_lib.create(config, mesh)
+  state, shardings, tx = stages.create_state(config, mesh)
   step = step_lib.make_train_step(config, mesh, shardings, tx)
   frozen = jax.device_put(step_lib.frozen_inputs(config), sharding.replicated(mesh))
   batch = jax.device_put(batch_lib.synthetic_batch(config),

@@ -21,12 +21,11 @@ Layer layout (BasicConv = conv without bias + BatchNorm(eps 1e-3, inference) + R
                   1x1 448 -> 3x3 384 p1 -> (1x3, 3x1) | avgpool (no pad count) -> 1x1 192
   Mixed_7c        FIDInceptionE_2: as E_1 but the pool branch is maxpool 3 s1 p1
   global average pool -> 2048
-Weights are user-supplied (vtp_jax/tools/convert_fid_inception.py; docs/evaluation.md); random
+Weights are user-supplied and read by eval/fid_weights.py (docs/evaluation.md); random
 initialisation (`init_params`) serves only to test the plumbing.
 """
 
 import functools
-import os
 
 import flax.linen as nn
 import jax
@@ -212,18 +211,6 @@ def activations(params: dict, images_uint8, resize_to: int = INPUT_SIZE) -> np.n
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'FID takes uint8 NHWC RGB images; got {images.dtype} {images.shape}.')
   return np.asarray(_apply_fn(resize_to)(params, images))
-
-
-def load_params(path) -> dict:
-  """FID Inception parameters from a converted .npz (vtp_jax.tools.convert_fid_inception), or
-  straight from the torch state dict saved as .npz / .safetensors (converted on the fly)."""
-  from vtp_jax.tools import convert_fid_inception  # the one place that knows both namings
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'FID weights {path} not found; see docs/evaluation.md for how to '
-                            'convert pt_inception-2015-12-05-6726825d.pth, or set '
-                            'evals.fid_weights to "" to skip rFID.')
-  return convert_fid_inception.load_any(path)
 
 
 class RunningStats:

@@ -27,6 +27,7 @@ from vtp_jax import pixels
 from vtp_jax.eval import common
 from vtp_jax.eval import data as eval_data
 from vtp_jax.eval import fid
+from vtp_jax.eval import fid_weights
 from vtp_jax.losses import recon
 
 SSIM_SIGMA = 1.5
@@ -103,7 +104,7 @@ def reconstruct_fn(tokenizer):
 
 @functools.lru_cache(maxsize=2)
 def _cached_fid_params(path: str):
-  return fid.load_params(path)
+  return fid_weights.load_params(path)
 
 
 def evaluate(pairs: Iterable, *, fid_params=None, fid_resize: int = fid.INPUT_SIZE,

@@ -3,7 +3,7 @@
 the optimizer not counted). The EMA update is elementwise, so not counted either."""
 
 from vtp_jax.generation import dit
-from vtp_jax.train import flops as tokenizer_flops
+from vtp_jax.models import layers
 
 
 def forward(config) -> float:
@@ -14,7 +14,7 @@ def forward(config) -> float:
   token_in = d.patch_size ** 2 * d.in_channels
   n_mod = 4 if d.wo_shift else 6
   conditioning = 2 * d.timestep_freqs * d.width + 2 * d.width * d.width  # timestep MLP
-  per_block = (tokenizer_flops.block_forward(n, d.width, spec.mlp_hidden, 'swiglu') +
+  per_block = (layers.block_forward_flops(n, d.width, spec.mlp_hidden, 'swiglu') +
                2 * d.width * n_mod * d.width)  # adaLN modulation, once per example
   final = 2 * d.width * 2 * d.width + 2 * n * d.width * token_in
   return 2 * n * token_in * d.width + conditioning + d.depth * per_block + final

@@ -13,9 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vtp_jax.models import attention as attention_lib
-from vtp_jax.models import cpu_attention
-from vtp_jax.models import cpu_dense
+from vtp_jax.kernels import attention as attention_backends
+from vtp_jax.kernels import dense as dense_backends
 from vtp_jax.models import rope as rope_lib
 
 # Initialisers of the reference (spec 1.13): trunc-normal(0.02) linears, zero biases, unit norms.
@@ -49,13 +48,12 @@ class BlockSpec:
   norm_eps: float = 1e-5
   qkv_bias: bool = True
   qk_norm: bool = False
+  qk_norm_eps: float = 1e-5  # the reference's q/k RMSNorm eps, independent of norm_eps
   layerscale: float = 0.0  # 0 disables LayerScale
   dtype: str = 'float32'  # compute dtype
   rope_dtype: str = 'bfloat16'
-  # 'xla': attention.py; 'cpu': cpu_attention.py's compiled kernel; 'jax' or 'cudnn':
-  # jax.nn.dot_product_attention
-  attention: str = 'xla'
-  dense: str = 'xla'  # the linear layers: 'xla' (jnp), or 'cpu' (cpu_dense.py's BLAS kernel)
+  attention: str = 'xla'  # precision.attention: a backend of kernels/attention.py
+  dense: str = 'xla'  # precision.dense: a backend of kernels/dense.py
   drop_path_mode: str = 'subset'  # 'subset' (DINOv2) or 'sample' (Bernoulli per sample)
   causal: bool = False  # causal self-attention (text tower)
   # 'vit': trunc-normal(0.02) everywhere (the reference); 'fan_in': trunc-normal(fan_in^-0.5);
@@ -70,13 +68,8 @@ class BlockSpec:
       raise ValueError(f"mlp={self.mlp!r}; use 'swiglu' or 'gelu'.")
     if self.norm not in ('rmsnorm', 'layernorm'):
       raise ValueError(f"norm={self.norm!r}; use 'rmsnorm' or 'layernorm'.")
-    if self.attention not in ('xla', 'cpu', 'jax', 'cudnn'):
-      raise ValueError(f"precision.attention={self.attention!r}; use 'xla' (models/attention.py), "
-                       "'cpu' (models/cpu_attention.py, a compiled float32 CPU kernel), "
-                       "'jax' (jax.nn.dot_product_attention's XLA path) or 'cudnn' (GPU).")
-    if self.dense not in ('xla', 'cpu'):
-      raise ValueError(f"precision.dense={self.dense!r}; use 'xla' or 'cpu' (models/cpu_dense.py, "
-                       "a compiled float32 CPU kernel).")
+    attention_backends.check(self.attention)
+    dense_backends.check(self.dense)
     if self.init not in ('vit', 'fan_in', 'openclip', 'xavier'):
       raise ValueError(f"model.encoder/decoder.init={self.init!r}; use 'vit' (trunc-normal "
                        "0.02, the reference) or 'fan_in' (trunc-normal fan_in^-0.5).")
@@ -190,12 +183,12 @@ def make_norm(kind: str, eps: float, name: str):
 def dense(features, in_axis: str, out_axis: str, name: str, dtype, use_bias=True, init=DENSE_INIT,
           impl: str = 'xla'):
   """A Dense layer with float32 parameters, `dtype` compute and logical axes on kernel and bias;
-  `impl='cpu'` multiplies with cpu_dense.py's kernel (precision.dense)."""
+  `impl` is the precision.dense backend (kernels/dense.py)."""
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
       kernel_init=param_with_axes(init, (in_axis, out_axis)),
       bias_init=param_with_axes(ZEROS, (out_axis,)),
-      dot_general=cpu_dense.dot_general if impl == 'cpu' else None)
+      dot_general=dense_backends.dot_general(impl))
 
 
 class DenseND(nn.Module):
@@ -205,7 +198,7 @@ class DenseND(nn.Module):
   partitioning metadata (the names describe the unflattened shape); this creates it whole.
   `equation` (an einsum of x and the kernel) replaces the default contraction when the output
   should come out in another axis order; `bias_shape` then says how the bias broadcasts onto it.
-  `impl='cpu'` contracts with cpu_dense.py's kernel (precision.dense).
+  `impl` is the precision.dense backend that contracts (kernels/dense.py).
   """
   out_shape: tuple
   in_ndim: int
@@ -223,13 +216,7 @@ class DenseND(nn.Module):
     kernel = self.param('kernel', param_with_axes(self.init, self.kernel_axes),
                         in_shape + tuple(self.out_shape), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if self.impl == 'cpu':
-      y = (cpu_dense.einsum(self.equation, x, kernel, self.in_ndim) if self.equation
-           else cpu_dense.matmul(x, kernel, self.in_ndim))
-    elif self.equation:
-      y = jnp.einsum(self.equation, x, kernel)
-    else:
-      y = jnp.tensordot(x, kernel, axes=self.in_ndim)
+    y = dense_backends.contract(x, kernel, self.in_ndim, self.equation, backend=self.impl)
     if self.bias_axes is not None:
       bias = self.param('bias', param_with_axes(ZEROS, self.bias_axes), tuple(self.out_shape),
                         jnp.float32)
@@ -265,8 +252,8 @@ class Attention(nn.Module):
 
   The qkv kernel is (width, 3, heads, head_dim) rather than a flat (width, 3*width) so that tensor
   parallelism splits whole heads and never cuts across the q/k/v boundary.
-  With `attention='xla'` or 'cpu' the projections write and read heads-first (batch, heads, tokens,
-  head_dim) arrays for `attention.softmax_attention` or `cpu_attention.softmax_attention`; other implementations get jax.nn.dot_product_attention's
+  The projections write and read the layout the precision.attention backend takes
+  (kernels/attention.py): heads-first (batch, heads, tokens, head_dim) or jax.nn's tokens-first
   (batch, tokens, heads, head_dim). The parameters are the same either way.
   """
   spec: BlockSpec
@@ -274,7 +261,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, sin=None, cos=None):
     s, dtype = self.spec, dtype_of(self.spec.dtype)
-    heads_first = s.attention in ('xla', 'cpu')
+    heads_first = attention_backends.heads_first(s.attention)
     qkv = DenseND((3, s.heads, s.head_dim), 1, ('embed', 'qkv', 'heads', 'head_dim'),
                   ('qkv', 'heads', 'head_dim') if s.qkv_bias else None, dtype,
                   s.init_for('qkv'), name='qkv', impl=s.dense,
@@ -284,21 +271,15 @@ class Attention(nn.Module):
     q, k, v = qkv[0], qkv[1], qkv[2]
     token_axis = 2 if heads_first else 1
     if s.qk_norm:
-      q = RMSNorm(eps=s.norm_eps, axis_name='head_dim', name='q_norm')(q)
-      k = RMSNorm(eps=s.norm_eps, axis_name='head_dim', name='k_norm')(k)
+      q = RMSNorm(eps=s.qk_norm_eps, axis_name='head_dim', name='q_norm')(q)
+      k = RMSNorm(eps=s.qk_norm_eps, axis_name='head_dim', name='k_norm')(k)
     if sin is not None:
       q = rope_lib.apply_rope(q, sin, cos, s.rope_dtype, token_axis)
       k = rope_lib.apply_rope(k, sin, cos, s.rope_dtype, token_axis)
     names = (('act_batch', 'act_heads', 'act_seq', None) if heads_first
              else ('act_batch', 'act_seq', 'act_heads', None))
     q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
-    if s.attention == 'xla':
-      out = attention_lib.softmax_attention(q, k, v, s.causal)
-    elif s.attention == 'cpu':
-      out = cpu_attention.softmax_attention(q, k, v, s.causal)
-    else:
-      out = jax.nn.dot_product_attention(
-          q, k, v, is_causal=s.causal, implementation=None if s.attention == 'jax' else s.attention)
+    out = attention_backends.softmax_attention(q, k, v, causal=s.causal, backend=s.attention)
     out = nn.with_logical_constraint(out, names)
     return DenseND((s.width,), 2, ('heads', 'head_dim', 'embed'), ('embed',), dtype,
                    s.init_for('proj'), name='proj', impl=s.dense,
@@ -398,3 +379,13 @@ def run_blocks(spec: BlockSpec, depth: int, x, sin, cos, *, scan: bool = True,
     x, _ = block_cls(spec, drop_rate, name=f'blocks_{i}')(x, sin, cos)
     outputs.append(x)
   return x, (jnp.stack(outputs) if keep_outputs else None)
+
+
+def block_forward_flops(n_tokens: int, width: int, mlp_hidden: int, mlp: str,
+                        causal: bool = False, attention: bool = True) -> float:
+  """Forward FLOPs of one pre-norm transformer block on one sequence (train/flops.py states the
+  convention: 2 m k n a matmul, attention 4 N^2 D, halved under a causal mask)."""
+  n, d, f = n_tokens, width, mlp_hidden
+  dense = 2 * n * d * 3 * d + 2 * n * d * d + (3 if mlp == 'swiglu' else 2) * 2 * n * d * f
+  attn = 4 * n * n * d * (0.5 if causal else 1.0) if attention else 0.0
+  return dense + attn

@@ -48,6 +48,7 @@ def _block_spec(tower, precision, **overrides) -> layers.BlockSpec:
       width=tower.width, heads=tower.heads, mlp=tower.get('mlp', 'gelu'),
       mlp_ratio=tower.mlp_ratio, norm=tower.get('norm', 'layernorm'), norm_eps=tower.norm_eps,
       qkv_bias=tower.get('qkv_bias', True), qk_norm=tower.get('qk_norm', False),
+      qk_norm_eps=tower.get('qk_norm_eps', 1e-5),
       layerscale=tower.get('layerscale', 0.0), init=tower.get('init', 'vit'),
       dtype=precision.compute_dtype,
       rope_dtype=precision.rope_dtype, attention=precision.attention,

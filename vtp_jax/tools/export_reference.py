@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from vtp_jax.models import layout
 from vtp_jax.models import rope as rope_lib
 from vtp_jax.tools import reference_format as fmt
-from vtp_jax.train import checkpoint
+from vtp_jax import checkpoint_io
 
 
 def _template(rule: fmt.Rule) -> tuple[re.Pattern, str]:
@@ -66,9 +66,10 @@ def to_reference(config, params, teacher=None, legacy: bool = False) -> dict:
 
 
 def export_reference(src, dst, legacy: bool = False) -> dict:
-  config = checkpoint.load_config(src)
-  params = checkpoint.load_item(src, 'params')
-  teacher = checkpoint.load_item(src, 'teacher') if checkpoint.has_item(src, 'teacher') else None
+  config = checkpoint_io.load_config(src)
+  params = checkpoint_io.load_item(src, 'params')
+  teacher = (checkpoint_io.load_item(src, 'teacher') if checkpoint_io.has_item(src, 'teacher')
+             else None)
   tensors = to_reference(config, params, teacher, legacy)
   dst = pathlib.Path(dst)
   dst.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,41 @@ from configs import base as base_config
 DERIVED_KEYS = re.compile(r'^(teacher_)?(trunk|pixel_decoder)\.rope_embed\.periods$')
 UNUSED_KEYS = re.compile(r'^teacher_proj\.weight$')
 
+# The reference's norm classes by their config.json name -> (our norm, its eps). The reference fixes
+# each class's eps in code, so the name alone decides it, in the encoder and the decoder alike:
+# `layernorm` is LayerNorm(eps=1e-6), `layernormbf16` LayerNorm(eps=1e-5) with float32 statistics
+# (ours always keeps statistics in float32), `rmsnorm` RMSNorm(eps=1e-5).
+NORM_TYPES = {'layernorm': ('layernorm', 1e-6), 'layernormbf16': ('layernorm', 1e-5),
+              'rmsnorm': ('rmsnorm', 1e-5)}
+# q/k norms are RMSNorm(head_dim, eps=1e-5) whatever the block norm; the text tower's LayerNorms
+# (OpenCLIP) are eps 1e-5 (spec, "Text tower").
+QK_NORM_EPS = 1e-5
+TEXT_NORM_EPS = 1e-5
+
+
+def norm_from_reference(name: str, where: str) -> tuple[str, float]:
+  """(our norm type, eps) for the reference's `<tower>_norm_layer` value `name`."""
+  if name not in NORM_TYPES:
+    raise ValueError(f'config.json has {where}={name!r}; the released format knows '
+                     f'{sorted(NORM_TYPES)}.')
+  return NORM_TYPES[name]
+
+
+def norm_to_reference(norm: str, eps: float, where: str) -> str:
+  """The reference norm class that computes our (norm, eps); an error where none does."""
+  for name, (ours, ref_eps) in NORM_TYPES.items():
+    if ours == norm and math.isclose(eps, ref_eps, rel_tol=1e-9):
+      return name
+  choices = ', '.join(f'{n} eps {e:g}' for n, e in sorted(set(NORM_TYPES.values())))
+  raise ValueError(f'{where}: norm {norm!r} with eps {eps:g} has no class in the released '
+                   f'format (it has {choices}); set the eps to one of these to export.')
+
+
+def _check_eps(eps: float, want: float, key: str) -> None:
+  if not math.isclose(eps, want, rel_tol=1e-9):
+    raise ValueError(f'{key}={eps:g}, but the released format fixes it at {want:g}; set '
+                     f'{key}={want:g} to export.')
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
@@ -233,8 +268,13 @@ def config_from_reference(ref: dict, clip_dim: int) -> ml_collections.ConfigDict
     ours.heads = ref[f'{prefix}_num_heads']
     ours.mlp = _FFN[ref.get(f'{prefix}_ffn_layer', 'swiglu')]
     ours.mlp_ratio = float(ref.get(f'{prefix}_mlp_ratio', ref.get('vision_mlp_ratio', 4.0)))
-    ours.norm = ref.get(f'{prefix}_norm_layer', ours.norm)
+    # The reference defaults a missing `<tower>_norm_layer` to rmsnorm for the encoder and
+    # layernorm for the decoder, which is what our config defaults are.
+    default = {'vision': 'rmsnorm', 'decoder': 'layernorm'}[prefix]
+    ours.norm, ours.norm_eps = norm_from_reference(ref.get(f'{prefix}_norm_layer') or default,
+                                                   f'{prefix}_norm_layer')
     ours.qk_norm = bool(ref.get(f'{prefix}_use_qk_norm', False))
+    ours.qk_norm_eps = QK_NORM_EPS
     ours.layerscale = float(ref.get(f'{prefix}_init_values') or 0.0)
   t = m.text
   t.width = ref['text_embed_dim']
@@ -244,6 +284,7 @@ def config_from_reference(ref: dict, clip_dim: int) -> ml_collections.ConfigDict
   t.vocab_size = ref.get('text_vocab_size', 49408)
   t.mlp_ratio = float(ref.get('text_mlp_ratio', 4.0))
   t.causal = not ref.get('text_no_causal_mask', False)
+  t.norm_eps = TEXT_NORM_EPS
   c.data.image_size = ref.get('image_size', c.data.image_size)
   return c
 
@@ -261,12 +302,17 @@ def reference_from_config(c) -> dict:
          'nonscalar_logit_scale': False}
   if not math.isclose(m.init_logit_scale, math.log(1 / 0.07), rel_tol=1e-6):
     ref['init_logit_scale'] = m.init_logit_scale
-  for ours, prefix in ((m.encoder, 'vision'), (m.decoder, 'decoder')):
+  for ours, prefix, key in ((m.encoder, 'vision', 'model.encoder'),
+                            (m.decoder, 'decoder', 'model.decoder')):
+    norm_layer = norm_to_reference(ours.norm, ours.norm_eps, f'{key}.norm/norm_eps')
+    if ours.qk_norm:
+      _check_eps(ours.qk_norm_eps, QK_NORM_EPS, f'{key}.qk_norm_eps')
     ref.update({f'{prefix}_embed_dim': ours.width, f'{prefix}_depth': ours.depth,
                 f'{prefix}_num_heads': ours.heads, f'{prefix}_ffn_layer': inverse_ffn[ours.mlp],
-                f'{prefix}_norm_layer': ours.norm, f'{prefix}_use_qk_norm': ours.qk_norm,
+                f'{prefix}_norm_layer': norm_layer, f'{prefix}_use_qk_norm': ours.qk_norm,
                 f'{prefix}_init_values': ours.layerscale or None})
   ref['vision_mlp_ratio'] = m.encoder.mlp_ratio
+  _check_eps(m.text.norm_eps, TEXT_NORM_EPS, 'model.text.norm_eps')
   ref.update({'text_embed_dim': m.text.width, 'text_depth': m.text.depth,
               'text_num_heads': m.text.heads, 'text_context_length': m.text.context_length,
               'text_vocab_size': m.text.vocab_size, 'text_mlp_ratio': m.text.mlp_ratio,

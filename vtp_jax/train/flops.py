@@ -9,6 +9,7 @@ is model FLOPs (MFU), not hardware FLOPs (XLA's count in the benchmark includes 
 """
 
 from vtp_jax import batch as batch_lib
+from vtp_jax.generation import flops as gen_flops
 from vtp_jax.models import layers
 
 # VGG16 conv stack as LPIPS runs it: (output channels, input channels, spatial downsampling so far).
@@ -17,20 +18,11 @@ _VGG16 = [(64, 3, 1), (64, 64, 1), (128, 64, 2), (128, 128, 2), (256, 128, 4), (
           (512, 512, 16), (512, 512, 16)]
 
 
-def block_forward(n_tokens: int, width: int, mlp_hidden: int, mlp: str, causal: bool = False,
-                  attention: bool = True) -> float:
-  """Forward FLOPs of one pre-norm transformer block on one sequence."""
-  n, d, f = n_tokens, width, mlp_hidden
-  dense = 2 * n * d * 3 * d + 2 * n * d * d + (3 if mlp == 'swiglu' else 2) * 2 * n * d * f
-  attn = 4 * n * n * d * (0.5 if causal else 1.0) if attention else 0.0
-  return dense + attn
-
-
 def _tower(tower, n_tokens, causal=False, attention=True):
   spec = layers.BlockSpec(width=tower.width, heads=tower.heads, mlp=tower.get('mlp', 'gelu'),
                           mlp_ratio=tower.mlp_ratio)
-  return tower.depth * block_forward(n_tokens, tower.width, spec.mlp_hidden, spec.mlp, causal,
-                                     attention)
+  return tower.depth * layers.block_forward_flops(n_tokens, tower.width, spec.mlp_hidden, spec.mlp,
+                                                 causal, attention)
 
 
 def encoder_forward(config, image_side: int, bottleneck: bool = False,
@@ -104,7 +96,6 @@ def step_flops(config) -> dict:
   ({'rec', 'disc', 'total'} under `config.gan.enabled`; {'dit', 'total'} for
   config.task='generation', generation/flops.py)."""
   if config.get('task', 'tokenizer') == 'generation':
-    from vtp_jax.generation import flops as gen_flops  # local: it imports this module
     return gen_flops.step_flops(config)
   if config.get('gan', {}).get('enabled', False):
     return gan_stage_flops(config)

@@ -21,13 +21,13 @@ from absl import logging
 
 from vtp_jax import batch as batch_lib
 from vtp_jax import sharding
+from vtp_jax import checkpoint_io
 from vtp_jax.generation import is_generation
-from vtp_jax.train import checkpoint as params_ckpt
-from vtp_jax.train import checkpointing
+from vtp_jax.train import checkpoints
 from vtp_jax.train import flops as flops_lib
 from vtp_jax.train import in_flight
 from vtp_jax.train import metrics as metrics_lib
-from vtp_jax.train import state as state_lib
+from vtp_jax.train import stages
 from vtp_jax.train import step as step_lib
 # Raised from the loop; callers (launch/main.py, tests) catch it as loop.NonFiniteLoss.
 from vtp_jax.train.in_flight import NonFiniteLoss  # noqa: F401
@@ -239,18 +239,18 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   logging.info('Mesh %s.', dict(mesh.shape))
   t = config.train
-  ckpts = checkpointing.Checkpoints(workdir, int(t.keep_checkpoints))
+  ckpts = checkpoints.Checkpoints(workdir, int(t.keep_checkpoints))
   latest = ckpts.latest_step()
   if latest is None and t.init_from:
     try:
-      params_ckpt.resolve(t.init_from)
+      checkpoint_io.resolve(t.init_from)
     except FileNotFoundError as e:
       raise ConfigError(f'train.init_from={t.init_from}: {e}') from None
   data_iter = make_data_iterator(config, pi, pc)
 
   if latest is not None:
     # Shapes and shardings only: no random state is initialised just to be overwritten.
-    target, shardings, tx = state_lib.create(config, mesh, abstract=True)
+    target, shardings, tx = stages.create_state(config, mesh, abstract=True)
     fits = ckpts.data_state_saved_here(latest)
     state = ckpts.restore(latest, target, data_iter if fits else None)
     if not fits:
@@ -259,9 +259,9 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
       data_iter = make_data_iterator(config, pi, pc, start_step=latest)
     logging.info('Resumed from %s/%d.', ckpts.root, latest)
   else:
-    state, shardings, tx = state_lib.create(config, mesh)
+    state, shardings, tx = stages.create_state(config, mesh)
     if t.init_from:
-      state = checkpointing.init_from(t.init_from, state, shardings, config)
+      state = checkpoints.init_from(t.init_from, state, shardings, config)
   start = int(jax.device_get(state.step))
   if start >= int(t.steps):
     logging.info('Step %d already reached train.steps=%d: nothing to do.', start, int(t.steps))
@@ -277,7 +277,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   frozen = jax.device_put(step_lib.frozen_inputs(config), sharding.replicated(mesh))
   compiled = compile_step(step_fn, state, config, mesh, frozen)
 
-  preemption = checkpointing.Preemption()
+  preemption = checkpoints.Preemption()
   acc, skips = metrics_lib.Accumulator(), metrics_lib.SkipCounter()
   writer = metrics_lib.Writer(workdir, enabled=pi == 0)
   step_flops = flops_lib.step_flops(config)['total']
@@ -286,7 +286,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   # This invocation may stop early (train.stop_after_steps, e.g. a job time limit); it saves there.
   end = min(total, start + int(t.stop_after_steps)) if int(t.stop_after_steps) > 0 else total
   dispatched, skipped_updates = in_flight.InFlight(t.max_steps_ahead), 0
-  kill_after = checkpointing.kill_switch_for_tests()
+  kill_after = checkpoints.kill_switch_for_tests()
   evaluate = evaluate or _default_evaluate
   summary = {'start_step': start, 'preempted': False}
   window_start, window_step = time.perf_counter(), step

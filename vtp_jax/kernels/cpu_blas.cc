@@ -1,4 +1,4 @@
-// The one entry point Python calls by hand (cpu_kernels.py's load()): it hands the kernels the BLAS
+// The one entry point Python calls by hand (cpu_build.py's load()): it hands the kernels the BLAS
 // they run on. Everything else in the library is reached through XLA's FFI.
 
 #include "cpu_blas.h"

@@ -1,4 +1,4 @@
-"""The compiled CPU attention kernel (models/cpu_attention.py, precision.attention='cpu') against a
+"""The compiled CPU attention kernel (kernels/cpu_attention.py, precision.attention='cpu') against a
 float64 NumPy forward and backward, and sharded over the 8 fake devices. Inside the Attention module
 it is checked against jax.nn in test_attention.py."""
 
@@ -11,7 +11,7 @@ import pytest
 
 from conftest import needs_cpp_compiler
 from vtp_jax import sharding
-from vtp_jax.models import cpu_attention
+from vtp_jax.kernels import cpu_attention
 
 pytestmark = needs_cpp_compiler
 

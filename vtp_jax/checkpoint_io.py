@@ -1,7 +1,9 @@
-"""Checkpoint folders on disk (Orbax) and the config saved beside them.
+"""Reading and writing parameters on disk (Orbax), and the config saved beside them.
 
-A training workdir (train/checkpointing.py) works wherever a folder does: `resolve` picks its latest
-complete step, whose `params` and `teacher` are read out of the saved train state.
+A training workdir (written by train/checkpoints.py, whose folder layout is defined here) works
+wherever a folder does: `resolve` picks its latest complete step, whose `params` and `teacher` are
+read out of the saved train state. Nothing here imports train/, so inference and the tools read
+checkpoints without the training stack.
 
 A parameter checkpoint is a folder holding `config.json` (the full ml_collections config) and Orbax
 PyTree items: `params` (plain nested dict) and, when present, `teacher` (the EMA encoder and DINO
@@ -16,6 +18,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = 'config.json'
+# A training workdir: WORKDIR/checkpoints/<step>/{state, data_iter, config}.
+STATE, DATA_ITER, CONFIG = 'state', 'data_iter', 'config'
+SUBDIR = 'checkpoints'
 
 
 def config_to_dict(config) -> dict:
@@ -34,7 +39,7 @@ def load_config(path, defaults=None) -> ml_collections.ConfigDict:
   `defaults()` builds them (the generator's are configs/dit_base.get_config), else base.py's."""
   from configs import base  # local: configs is a sibling package; keep import cost off the hot path
   file = pathlib.Path(path) / CONFIG_FILE
-  if not file.exists():  # a training workdir or step folder (train/checkpointing.py)
+  if not file.exists():  # a training workdir or step folder (train/checkpoints.py)
     path = resolve(path)
     file = path / CONFIG_FILE
     if not file.exists():
@@ -68,23 +73,21 @@ def save_params(path, config, params, teacher=None) -> None:
 
 
 def has_item(path, item: str) -> bool:
-  from vtp_jax.train import checkpointing  # local: checkpointing imports this module
   if (pathlib.Path(path) / item).exists():
     return True
   path = resolve(path)
-  if checkpointing.is_step_dir(path) and not (path / item).exists():
-    return item in checkpointing.state_fields(path)
+  if is_step_dir(path) and not (path / item).exists():
+    return item in state_fields(path)
   return (path / item).exists()
 
 
 def load_item(path, item: str, target=None):
   """Restores one item. `target` is an abstract tree (ShapeDtypeStruct leaves with .sharding) that
   fixes the placement; without it, arrays land on the default device."""
-  from vtp_jax.train import checkpointing  # local: checkpointing imports this module
   if not (pathlib.Path(path) / item).exists():  # a training workdir or step folder
     path = resolve(path)
-    if checkpointing.is_step_dir(path) and not (path / item).exists():
-      return checkpointing.restore_subtree(path, item, target)  # a field of the saved train state
+    if is_step_dir(path) and not (path / item).exists():
+      return restore_subtree(path, item, target)  # a field of the saved train state
   path = pathlib.Path(path).absolute() / item
   if not path.exists():
     raise FileNotFoundError(f'{path} not found; the checkpoint has no {item!r} item.')
@@ -99,11 +102,10 @@ def load_item(path, item: str, target=None):
 
 def resolve(path) -> pathlib.Path:
   """A checkpoint folder itself, or the latest complete step folder under a training workdir."""
-  from vtp_jax.train import checkpointing  # local: checkpointing imports this module
   path = pathlib.Path(path)
-  if (path / CONFIG_FILE).exists() or checkpointing.is_step_dir(path):
+  if (path / CONFIG_FILE).exists() or is_step_dir(path):
     return path
-  latest = checkpointing.latest_step_dir(path)
+  latest = latest_step_dir(path)
   if latest is not None:
     return latest
   steps = []
@@ -114,3 +116,66 @@ def resolve(path) -> pathlib.Path:
     raise FileNotFoundError(f'{path} holds no vtp-jax checkpoint (no config.json, and no step '
                             'folders with one under it or under checkpoints/).')
   return max(steps, key=lambda d: int(d.name))
+
+
+# -- a training workdir's step folders ------------------------------------------------------
+
+def checkpoint_root(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir).absolute() / SUBDIR
+
+
+def latest_step_dir(workdir) -> pathlib.Path | None:
+  """`WORKDIR/checkpoints/<latest complete step>`, or None when the workdir has no checkpoint."""
+  root = checkpoint_root(workdir)
+  if not root.is_dir():
+    return None
+  # Orbax's own reading of the folder: only finalized steps count (never a half-written one).
+  latest = ocp.path.step.latest_step_metadata(root, ocp.path.step.standard_name_format())
+  return None if latest is None else pathlib.Path(latest.path)
+
+
+def is_step_dir(path) -> bool:
+  path = pathlib.Path(path)
+  return (path / STATE).is_dir() and (path / CONFIG / CONFIG_FILE).exists()
+
+
+def _state_tree_metadata(step_dir):
+  metadata = ocp.PyTreeCheckpointer().metadata(pathlib.Path(step_dir).absolute() / STATE)
+  return metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+
+
+def subtree_metadata(step_dir, key: str):
+  """Shapes/dtypes of one top-level field ('params', 'teacher', ...) of a saved train state."""
+  tree = _state_tree_metadata(step_dir)
+  if key not in tree:
+    raise FileNotFoundError(f'{step_dir}/{STATE} has no {key!r} field (it holds {sorted(tree)}).')
+  return tree[key]
+
+
+def state_fields(step_dir) -> set:
+  """The non-empty top-level fields of a saved train state ({'params', 'teacher', ...})."""
+  return {k for k, v in _state_tree_metadata(step_dir).items() if v}
+
+
+def restore_subtree(step_dir, key: str, target=None):
+  """One field of a saved train state (e.g. 'params'); `target` (ShapeDtypeStructs with shardings)
+  fixes the placement, else every array lands on the first local device."""
+  if target is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          subtree_metadata(step_dir, key))
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  restored = ocp.PyTreeCheckpointer().restore(
+      pathlib.Path(step_dir).absolute() / STATE,
+      args=ocp.args.PyTreeRestore(item={key: target}, restore_args={key: restore_args},
+                                  partial_restore=True))
+  return restored[key]
+
+
+def item_metadata(path, item: str):
+  """Shapes/dtypes of `params` / `teacher` in a params folder or a training step folder."""
+  path = pathlib.Path(path)
+  if is_step_dir(path) and not (path / item).exists():
+    return subtree_metadata(path, item)
+  md = ocp.StandardCheckpointer().metadata(path.absolute() / item)
+  return md.item_metadata.tree if hasattr(md, 'item_metadata') else md

@@ -6,7 +6,7 @@ softmax, over XLA's own intra-op threads. It takes and returns the same heads-fi
 (batch, heads, tokens, head_dim) float32 arrays as `attention.softmax_attention`, with the same
 backward (saved probabilities, FlashAttention's rowsum identity), so the two are interchangeable.
 
-The C++ source is compiled on first use with the other CPU kernels (cpu_kernels.py); BLAS is
+The C++ source is compiled on first use with the other CPU kernels (cpu_build.py); BLAS is
 scipy's. Under a mesh the call is wrapped in `jax.shard_map` over the batch and head axes
 (attention is independent per slice), so every device runs its own shard.
 XLA cannot see inside the call, so its FLOP count of a step leaves out these matmuls; the analytic
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from vtp_jax import sharding
-from vtp_jax.models import cpu_kernels
+from vtp_jax.kernels import cpu_build
 
 OPTION = 'precision.attention'
 FORWARD_TARGET, BACKWARD_TARGET = 'vtp_attention_forward', 'vtp_attention_backward'
@@ -31,7 +31,7 @@ LOGICAL_AXES = ('act_batch', 'act_heads', 'act_seq', None)
 
 
 def _forward_call(q, k, v, causal):
-  cpu_kernels.load(OPTION)
+  cpu_build.load(OPTION)
   shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32),
             jax.ShapeDtypeStruct(q.shape[:-1] + k.shape[-2:-1], jnp.float32))
   return jax.ffi.ffi_call(FORWARD_TARGET, shapes, vmap_method='broadcast_all')(
@@ -39,7 +39,7 @@ def _forward_call(q, k, v, causal):
 
 
 def _backward_call(q, k, v, out, probs, d_out):
-  cpu_kernels.load(OPTION)
+  cpu_build.load(OPTION)
   shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
   return jax.ffi.ffi_call(BACKWARD_TARGET, shapes, vmap_method='broadcast_all')(
       q, k, v, out, probs, d_out)
@@ -69,7 +69,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = F
   Under a mesh (`jax.set_mesh`), batch and heads are split as the logical axis rules say and each
   device runs the kernel on its own slices; without one, the kernel sees the whole array.
   """
-  cpu_kernels.check_float32_on_cpu(OPTION, q=q, k=k, v=v)
+  cpu_build.check_float32_on_cpu(OPTION, q=q, k=k, v=v)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return _local_attention(q, k, v, causal)

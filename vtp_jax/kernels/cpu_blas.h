@@ -1,6 +1,6 @@
 // What the compiled CPU kernels (cpu_attention.cc, cpu_matmul.cc) share: the BLAS sgemm that Python
 // hands in (scipy's OpenBLAS, through cpu_blas.cc), one-thread BLAS per calling thread, and a loop
-// over XLA's own intra-op thread pool. Built into one library by models/cpu_kernels.py.
+// over XLA's own intra-op thread pool. Built into one library by kernels/cpu_build.py.
 //
 // BLAS is column-major: a row-major (r x c) matrix is the column-major (c x r) one, so the
 // kernels write every product for the transposes.

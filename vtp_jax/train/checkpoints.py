@@ -1,4 +1,5 @@
 """Training checkpoints: the one wrapper around Orbax's CheckpointManager the driver uses.
+Reading a workdir's checkpoints back (for inference, export, init_from) is checkpoint_io.py's.
 
 A training workdir holds `checkpoints/<step>/` folders, each with three Orbax items:
   state/     the whole TrainState (params, optimizer, teacher, centres, rng, discriminator)
@@ -10,13 +11,11 @@ step folder behind and resume never sees it (the leftover temporary folder is de
 Restores always name target shardings, so a checkpoint loads onto any mesh shape.
 
 Also here: starting a run from another checkpoint (`train.init_from`, partial: parameters the
-source holds overwrite the fresh init, the rest keep it), reading `params`/`teacher` out of a
-training workdir (for `Tokenizer.load` and `train.checkpoint.load_item`), and the SIGTERM /
-preemption flag the loop polls at step boundaries.
+source holds overwrite the fresh init, the rest keep it), and the SIGTERM / preemption flag the
+loop polls at step boundaries.
 """
 
 import os
-import pathlib
 import signal
 
 import grain
@@ -25,22 +24,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vtp_jax import checkpoint_io
+from vtp_jax.checkpoint_io import CONFIG, DATA_ITER, STATE
 from vtp_jax.models import layout
-from vtp_jax.train import checkpoint as params_ckpt
-
-STATE, DATA_ITER, CONFIG = 'state', 'data_iter', 'config'
-SUBDIR = 'checkpoints'
-
-
-def checkpoint_root(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir).absolute() / SUBDIR
 
 
 class Checkpoints:
   """Async saves of (state, data iterator, config) every N steps, keep K, resume the latest."""
 
   def __init__(self, workdir, keep: int):
-    self.root = checkpoint_root(workdir)
+    self.root = checkpoint_io.checkpoint_root(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=True, create=True,
         # A save killed mid-write leaves `<step>.orbax-checkpoint-tmp-*`: never listed as a step,
@@ -50,7 +43,7 @@ class Checkpoints:
         self.root, options=options,
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
                        DATA_ITER: grain.checkpoint.CheckpointHandler(),
-                       CONFIG: ocp.JsonCheckpointHandler(filename=params_ckpt.CONFIG_FILE)})
+                       CONFIG: ocp.JsonCheckpointHandler(filename=checkpoint_io.CONFIG_FILE)})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -58,7 +51,7 @@ class Checkpoints:
   def save(self, step: int, state, data_iter, config) -> None:
     """Starts an async save; returns once the arrays are copied off the devices (the state may then
     be donated to the next step)."""
-    config_json = params_ckpt.config_to_dict(config)
+    config_json = checkpoint_io.config_to_dict(config)
     args = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_json)}
     if data_iter is not None:
       args[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
@@ -87,66 +80,7 @@ class Checkpoints:
     self.manager.close()
 
 
-# -- reading params out of a training workdir ----------------------------------------------------
-
-def latest_step_dir(workdir) -> pathlib.Path | None:
-  """`WORKDIR/checkpoints/<latest complete step>`, or None when the workdir has no checkpoint."""
-  root = checkpoint_root(workdir)
-  if not root.is_dir():
-    return None
-  # Orbax's own reading of the folder: only finalized steps count (never a half-written one).
-  latest = ocp.path.step.latest_step_metadata(root, ocp.path.step.standard_name_format())
-  return None if latest is None else pathlib.Path(latest.path)
-
-
-def is_step_dir(path) -> bool:
-  path = pathlib.Path(path)
-  return (path / STATE).is_dir() and (path / CONFIG / params_ckpt.CONFIG_FILE).exists()
-
-
-def _state_tree_metadata(step_dir):
-  metadata = ocp.PyTreeCheckpointer().metadata(pathlib.Path(step_dir).absolute() / STATE)
-  return metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
-
-
-def subtree_metadata(step_dir, key: str):
-  """Shapes/dtypes of one top-level field ('params', 'teacher', ...) of a saved train state."""
-  tree = _state_tree_metadata(step_dir)
-  if key not in tree:
-    raise FileNotFoundError(f'{step_dir}/{STATE} has no {key!r} field (it holds {sorted(tree)}).')
-  return tree[key]
-
-
-def state_fields(step_dir) -> set:
-  """The non-empty top-level fields of a saved train state ({'params', 'teacher', ...})."""
-  return {k for k, v in _state_tree_metadata(step_dir).items() if v}
-
-
-def restore_subtree(step_dir, key: str, target=None):
-  """One field of a saved train state (e.g. 'params'); `target` (ShapeDtypeStructs with shardings)
-  fixes the placement, else every array lands on the first local device."""
-  if target is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          subtree_metadata(step_dir, key))
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  restored = ocp.PyTreeCheckpointer().restore(
-      pathlib.Path(step_dir).absolute() / STATE,
-      args=ocp.args.PyTreeRestore(item={key: target}, restore_args={key: restore_args},
-                                  partial_restore=True))
-  return restored[key]
-
-
 # -- train.init_from: partial restore from another checkpoint --------------------------------------
-
-def item_metadata(path, item: str):
-  """Shapes/dtypes of `params` / `teacher` in a params folder or a training step folder."""
-  path = pathlib.Path(path)
-  if is_step_dir(path) and not (path / item).exists():
-    return subtree_metadata(path, item)
-  md = ocp.StandardCheckpointer().metadata(path.absolute() / item)
-  return md.item_metadata.tree if hasattr(md, 'item_metadata') else md
-
 
 def _flat(tree) -> dict:
   return {tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path): leaf
@@ -200,9 +134,9 @@ def init_from(path, state, shardings, config):
   the source has no teacher, the teacher starts as a copy of the (restored) student, as at init.
   The step, optimizer state and rng stay fresh: this starts a new run from old weights.
   """
-  resolved = params_ckpt.resolve(path)
-  read = lambda item, target: params_ckpt.load_item(resolved, item, target)  # noqa: E731
-  metadata = lambda item: item_metadata(resolved, item)  # noqa: E731
+  resolved = checkpoint_io.resolve(path)
+  read = lambda item, target: checkpoint_io.load_item(resolved, item, target)  # noqa: E731
+  metadata = lambda item: checkpoint_io.item_metadata(resolved, item)  # noqa: E731
   scan = bool(config.precision.scan_layers)
   params, n = _overwrite(state.params, shardings.params, lambda t: read('params', t),
                          metadata('params'), scan, f'{resolved}/params')
@@ -211,7 +145,7 @@ def init_from(path, state, shardings, config):
                      '(names or shapes differ); check the config sizes.')
   teacher = state.teacher
   if teacher:
-    if params_ckpt.has_item(resolved, 'teacher'):
+    if checkpoint_io.has_item(resolved, 'teacher'):
       teacher, _ = _overwrite(teacher, shardings.teacher, lambda t: read('teacher', t),
                               metadata('teacher'), scan, f'{resolved}/teacher')
     else:

@@ -1,5 +1,6 @@
-"""The heads-first attention kernel (models/attention.py) against NumPy and jax.nn, and the Attention
-module's layouts against each other (heads-first with either kernel, tokens-first with jax.nn)."""
+"""The heads-first attention kernel (kernels/xla_attention.py) against NumPy and jax.nn, and the
+Attention module's layouts against each other (heads-first with either kernel, tokens-first with
+jax.nn)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_blocks_agree, needs_cpp_compiler
-from vtp_jax.models import attention, layers
+from vtp_jax.kernels import xla_attention as attention
+from vtp_jax.models import layers
 
 
 def _numpy_attention(q, k, v, causal):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from vtp_jax import sharding
-from vtp_jax.models import cpu_kernels
+from vtp_jax.kernels import cpu_build
 
 OPTION = 'precision.dense'
 TARGET = 'vtp_matmul'
@@ -36,7 +36,7 @@ TARGET = 'vtp_matmul'
 
 def _matmul_call(a, b, transpose_a=False, transpose_b=False):
   """Row-major op(a) op(b) for 2-D float32 arrays, by the compiled kernel."""
-  cpu_kernels.load(OPTION)
+  cpu_build.load(OPTION)
   rows = a.shape[1] if transpose_a else a.shape[0]
   columns = b.shape[0] if transpose_b else b.shape[1]
   # 'sequential': under vmap the 2-D kernel runs once per mapped slice.
@@ -64,7 +64,7 @@ _matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 def matmul(x: jax.Array, kernel: jax.Array, in_ndim: int = 1) -> jax.Array:
   """x (..., *in) contracted with kernel (*in, *out) over the `in_ndim` dims of `in`: (..., *out)."""
-  cpu_kernels.check_float32_on_cpu(OPTION, inputs=x, kernel=kernel)
+  cpu_build.check_float32_on_cpu(OPTION, inputs=x, kernel=kernel)
   in_shape, out_shape = kernel.shape[:in_ndim], kernel.shape[in_ndim:]
   if x.ndim < in_ndim or x.shape[x.ndim - in_ndim:] != in_shape:
     raise ValueError(f'{OPTION}: inputs {x.shape} do not end in the kernel {kernel.shape}\'s '

@@ -16,8 +16,8 @@ from jax.sharding import NamedSharding
 from conftest import micro_config
 from vtp_jax import sharding
 from vtp_jax.models import layout
-from vtp_jax.train import checkpoint
-from vtp_jax.train import checkpointing
+from vtp_jax import checkpoint_io
+from vtp_jax.train import checkpoints
 from vtp_jax.train import state as state_lib
 
 
@@ -62,7 +62,7 @@ def test_saved_on_2x2x2_restores_onto_1x8x1_and_one_device(tmp_path):
   config = micro_config()
   state, _ = _placed_state(config, _mesh(2, 2, 2))
   expected = _host(state)
-  ckpts = checkpointing.Checkpoints(tmp_path, keep=2)
+  ckpts = checkpoints.Checkpoints(tmp_path, keep=2)
   ckpts.save(7, state, None, config)
   ckpts.wait()
   for mesh in (_mesh(1, 8, 1), _mesh(1, 1, 1, n=1)):
@@ -76,23 +76,24 @@ def test_saved_on_2x2x2_restores_onto_1x8x1_and_one_device(tmp_path):
 def test_workdir_reads_as_a_checkpoint_folder_and_ignores_half_written_steps(tmp_path):
   config = micro_config()
   state, _ = _placed_state(config, _mesh(1, 1, 1, n=1))
-  ckpts = checkpointing.Checkpoints(tmp_path, keep=3)
+  ckpts = checkpoints.Checkpoints(tmp_path, keep=3)
   ckpts.save(5, state, None, config)
   ckpts.close()
   # What a save killed mid-write leaves: Orbax's temporary folder, never renamed to "9".
   (tmp_path / 'checkpoints' / '9.orbax-checkpoint-tmp' / 'state').mkdir(parents=True)
-  assert checkpointing.latest_step_dir(tmp_path) == tmp_path / 'checkpoints' / '5'
-  assert checkpoint.resolve(tmp_path) == tmp_path / 'checkpoints' / '5'
-  assert checkpoint.load_config(tmp_path).model.encoder.width == config.model.encoder.width
-  _assert_equal(checkpoint.load_item(tmp_path, 'params'), state.params)
-  _assert_equal(checkpoint.load_item(tmp_path, 'teacher'), state.teacher)
-  assert checkpoint.has_item(tmp_path, 'teacher') and not checkpoint.has_item(tmp_path, 'disc')
+  assert checkpoint_io.latest_step_dir(tmp_path) == tmp_path / 'checkpoints' / '5'
+  assert checkpoint_io.resolve(tmp_path) == tmp_path / 'checkpoints' / '5'
+  assert checkpoint_io.load_config(tmp_path).model.encoder.width == config.model.encoder.width
+  _assert_equal(checkpoint_io.load_item(tmp_path, 'params'), state.params)
+  _assert_equal(checkpoint_io.load_item(tmp_path, 'teacher'), state.teacher)
+  assert checkpoint_io.has_item(tmp_path, 'teacher')
+  assert not checkpoint_io.has_item(tmp_path, 'disc')
   saved = json.loads((tmp_path / 'checkpoints' / '5' / 'config' / 'config.json').read_text())
   assert saved['model']['encoder']['width'] == config.model.encoder.width
   with pytest.raises(FileNotFoundError, match='no vtp-jax checkpoint'):
-    checkpoint.resolve(tmp_path / 'empty')
+    checkpoint_io.resolve(tmp_path / 'empty')
   # A new manager on the same workdir (a resumed run) deletes the leftover and sees step 5.
-  again = checkpointing.Checkpoints(tmp_path, keep=3)
+  again = checkpoints.Checkpoints(tmp_path, keep=3)
   assert again.latest_step() == 5
   again.close()
   leftover = tmp_path / 'checkpoints' / '9.orbax-checkpoint-tmp'
@@ -110,8 +111,8 @@ def test_init_from_overwrites_present_params_and_keeps_init_for_missing(tmp_path
   fresh_host = _host(fresh)
   source = jax.tree.map(lambda x: x + 1.0, fresh_host.params)
   del source['text']  # a source without the text tower: it keeps its fresh init
-  checkpoint.save_params(tmp_path / 'src', config, layout.to_layout(source, scan_source))
-  out = checkpointing.init_from(tmp_path / 'src', fresh, shardings, config)
+  checkpoint_io.save_params(tmp_path / 'src', config, layout.to_layout(source, scan_source))
+  out = checkpoints.init_from(tmp_path / 'src', fresh, shardings, config)
   params = _host(out.params)
   for key in ('encoder', 'decoder', 'dino_head', 'clip'):
     _assert_equal(params[key], source[key])
@@ -126,7 +127,7 @@ def test_init_from_overwrites_present_params_and_keeps_init_for_missing(tmp_path
 def test_init_from_with_nothing_matching_is_a_clear_error(tmp_path):
   config = micro_config()
   fresh, shardings = _placed_state(config, _mesh(1, 1, 1, n=1))
-  checkpoint.save_params(tmp_path / 'other', config,
+  checkpoint_io.save_params(tmp_path / 'other', config,
                          {'unrelated': {'w': np.zeros((3,), np.float32)}})
   with pytest.raises(ValueError, match='no parameter of .* matches this model'):
-    checkpointing.init_from(tmp_path / 'other', fresh, shardings, config)
+    checkpoints.init_from(tmp_path / 'other', fresh, shardings, config)

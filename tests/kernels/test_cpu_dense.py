@@ -1,4 +1,4 @@
-"""The compiled CPU matmul (models/cpu_dense.py, precision.dense='cpu') against float64 NumPy
+"""The compiled CPU matmul (kernels/cpu_dense.py, precision.dense='cpu') against float64 NumPy
 products and their textbook gradients, sharded over the 8 fake devices, and inside the blocks
 against the jnp layers they replace."""
 
@@ -11,7 +11,8 @@ import pytest
 
 from conftest import assert_blocks_agree, needs_cpp_compiler
 from vtp_jax import sharding
-from vtp_jax.models import cpu_dense, layers
+from vtp_jax.kernels import cpu_dense
+from vtp_jax.models import layers
 
 pytestmark = needs_cpp_compiler
 

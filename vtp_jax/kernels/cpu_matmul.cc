@@ -1,4 +1,4 @@
-// A float32 matrix product for XLA:CPU as one FFI handler, built by cpu_kernels.py and used by
+// A float32 matrix product for XLA:CPU as one FFI handler, built by cpu_build.py and used by
 // cpu_dense.py (precision.dense='cpu') for the transformer blocks' linear layers.
 //
 // Why it exists: at the blocks' shapes (a few thousand tokens x 384-1536 features) XLA:CPU's own
@@ -32,7 +32,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, Matrix a, Matrix b, ffi::Result<Matrix> 
   if ((transpose_b ? bd[1] : bd[0]) != k || cd[0] != m || cd[1] != n)
     return ffi::Error::InvalidArgument("vtp_matmul: op(A), op(B) and C shapes do not chain");
   if (g_sgemm.load() == nullptr)
-    return ffi::Error::Internal("vtp_matmul: sgemm was not set (cpu_kernels.py's load())");
+    return ffi::Error::Internal("vtp_matmul: sgemm was not set (cpu_build.py's load())");
   if (m == 0 || n == 0) return ffi::Error::Success();
   if (k == 0) {
     std::fill_n(c->typed_data(), m * n, 0.0f);

@@ -1,4 +1,4 @@
-// Softmax attention for XLA:CPU as two FFI handlers (forward, backward), built by cpu_kernels.py.
+// Softmax attention for XLA:CPU as two FFI handlers (forward, backward), built by cpu_build.py.
 //
 // Why it exists: XLA:CPU has no fused attention; its batched (tokens x 64 x tokens) matmuls run at
 // 18-30 GFLOP/s on small CPUs, about half of what one BLAS call per (batch, head) slice reaches.
@@ -6,7 +6,7 @@
 // over XLA's own intra-op thread pool, one single-threaded BLAS call at a time per thread
 // (cpu_blas.h).
 //
-// Layout: heads-first, row-major (..., tokens, head_dim) float32, as models/attention.py. The
+// Layout: heads-first, row-major (..., tokens, head_dim) float32, as kernels/xla_attention.py. The
 // forward returns the output and the probabilities P (saved for the backward, as attention.py
 // does). Every product below is written for BLAS's column-major view of the row-major arrays.
 
@@ -73,7 +73,7 @@ ffi::Error CheckDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>
   if (kd.back() != d.head_dim || vd.back() != d.head_dim || vd[vd.size() - 2] != d.k_len)
     return ffi::Error::InvalidArgument("k and v must be (..., keys, head_dim) like q");
   if (g_sgemm.load() == nullptr)
-    return ffi::Error::Internal("vtp_attention: sgemm was not set (cpu_kernels.py's load())");
+    return ffi::Error::Internal("vtp_attention: sgemm was not set (cpu_build.py's load())");
   return ffi::Error::Success();
 }
 
