@@ -10,9 +10,9 @@ import pytest
 from conftest import assert_abstract_state_describes
 from gen_util import micro_config, write_latents
 from vtp_jax import batch as batch_lib
+from vtp_jax import checkpoint_io
 from vtp_jax import sharding
 from vtp_jax.generation import data as gen_data
-from vtp_jax import checkpoint_io
 from vtp_jax.train import flops
 from vtp_jax.train import loop
 from vtp_jax.train import stages
@@ -128,7 +128,7 @@ def test_dit_xl_lowers_from_abstract_state_and_batch_as_the_aot_tool_does():
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   assert n_params / 1e6 == pytest.approx(675.0, abs=0.5)
   step = step_lib.make_train_step(config, mesh, shardings, tx)
-  batch = loop._abstract_batch(config, mesh)
+  batch = batch_lib.abstract_batch(config, mesh)
   with jax.set_mesh(mesh):
     lowered = step.jitted.lower(state, batch, step_lib.frozen_inputs_abstract(config))
   assert 'dit' in batch and lowered.as_text()  # a program exists; compiling it is bench/aot's job
