@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from vtp_jax.bench import aot
+from vtp_jax.bench import aot_compile as aot
 from vtp_jax.bench import hlo_stats
 from vtp_jax.bench import targets
 

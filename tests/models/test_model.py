@@ -140,8 +140,8 @@ def test_vit_tower_init_matches_its_formula(init):
 
 
 def test_unknown_init_is_a_named_error():
-  with pytest.raises(ValueError, match="init='xavier'"):
-    layers.BlockSpec(width=32, heads=2, init='xavier')
+  with pytest.raises(ValueError, match="init='glorot'"):
+    layers.BlockSpec(width=32, heads=2, init='glorot')
 
 
 def test_swiglu_hidden_size_rule():

@@ -141,6 +141,10 @@ def run(config, target, argv, flags) -> None:
   best = next((row for row in rows if rank_key(row)[0] == 0), None)
   if best is None:
     print('\nNo candidate fits: raise the slice, lower data.batch_size, or try remat=full.')
+  if flags.plan_reports:
+    with open(flags.plan_reports, 'w') as f:
+      json.dump(rows, f, indent=1)
+  if best is None:
     return
   command = ['python', '-m', 'vtp_jax.bench.aot'] + base + _candidate_args(
       best['mesh'], best['remat'], best['scan'])

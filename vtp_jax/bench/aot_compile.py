@@ -1,0 +1,195 @@
+"""The compile behind `bench.aot`: the train step built from abstract shapes on a target's devices,
+compiled, and read back as a report (memory, FLOPs, collectives, bounds). No flags here, so tests and
+other tools can import it next to any CLI.
+"""
+
+import dataclasses
+import re
+import time
+
+GIB = 1024 ** 3
+
+
+def _state_bytes_per_device(abstract_state, compiled_shardings) -> dict:
+  """Bytes of each train-state field on one device, from the shardings the compiled executable
+  gives its output state (unpadded: the compiler's tiling may add to what memory_analysis says)."""
+  import jax
+  import numpy as np
+  out = {}
+
+  def nbytes(tree, shardings):
+    return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+  for field in dataclasses.fields(abstract_state):  # TrainState, or the generator's GenState
+    if field.name not in ('step', 'rng', 'loss_state'):
+      out[field.name] = nbytes(getattr(abstract_state, field.name),
+                               getattr(compiled_shardings, field.name))
+  out['total'] = nbytes(abstract_state, compiled_shardings)  # with the counters, rng, centres
+  return out
+
+
+def _batch_sizes(config) -> dict:
+  """The global batch per branch: {'clip', 'ssl', 'rec'} (0 where a loss is off), or the
+  generator's {'dit'}."""
+  from vtp_jax import batch as batch_lib
+  from vtp_jax.generation import is_generation
+  if is_generation(config):
+    return {'dit': int(config.data.batch_size)}
+  sizes = dict(zip(('clip', 'ssl', 'rec'), batch_lib.sub_batch_sizes(config)))
+  return {k: v if k in batch_lib.active_branches(config) else 0 for k, v in sizes.items()}
+
+
+_HBM_EXHAUSTED = re.compile(r'memory required for HLO temporaries \(([0-9.]+)G\) exceeds')
+
+
+def _report_without_executable(config, target, mesh, inputs, temporaries, error, compile_s):
+  """The report of a program the compiler refused for lack of HBM: arguments from the inputs'
+  shard shapes, temporaries from the compiler's message, no executable to read anything else from.
+  """
+  import jax
+
+  from vtp_jax import sharding
+  from vtp_jax.train import flops as flops_lib
+  args = sharding.abstract_bytes_per_device(inputs, jax.tree.map(lambda x: x.sharding, inputs))
+  analytic = flops_lib.step_flops(config)['total'] / mesh.devices.size
+  compute = analytic / target.chip.peak_flops
+  return {
+      'topology': target.topology, 'target': target.name, 'chip': target.chip.name,
+      'slices': target.slices, 'devices': mesh.devices.size, 'mesh': dict(mesh.shape),
+      'batch': _batch_sizes(config),
+      'precision': {'compute_dtype': config.precision.compute_dtype,
+                    'remat_policy': config.precision.remat_policy,
+                    'scan_layers': bool(config.precision.scan_layers),
+                    'attention': config.precision.attention},
+      'memory_per_device_gib': {'arguments': args / GIB, 'outputs': None, 'aliased': None,
+                                'temporaries': temporaries / GIB,
+                                'peak': (args + temporaries) / GIB},
+      'hbm_gib': target.chip.hbm_bytes / GIB,
+      'fits': False,
+      'compile_error': error[:300],
+      'flops_per_device': {'xla': None, 'analytic': analytic},
+      'collectives': None,
+      'compile_s': round(compile_s, 1),
+      'bound_s': {'compute': compute},
+      'bound_step_s': compute,
+      'mfu_ceiling': None,
+      'chip_source': target.chip.source,
+      'jax': jax.__version__,
+  }
+
+
+def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') -> dict:
+  """Compiles the config's train step for `target` and returns the report (see the module doc)."""
+  import jax
+
+  from vtp_jax import batch as batch_lib
+  from vtp_jax import sharding
+  from vtp_jax.bench import hlo_stats
+  from vtp_jax.bench import targets as targets_lib
+  from vtp_jax.train import flops as flops_lib
+  from vtp_jax.train import stages
+  from vtp_jax.train import step as step_lib
+
+  devices = devices if devices is not None else targets_lib.devices(target)
+  tpu_slices = target.slices if target.platform == 'tpu' else 1
+  mesh = sharding.make_mesh(config.mesh, devices, slices=tpu_slices)
+  state, shardings, tx = stages.create_state(config, mesh, abstract=True)
+  step = step_lib.make_train_step(config, mesh, shardings, tx)
+  batch = batch_lib.abstract_batch(config, mesh)
+  frozen = sharding.with_shardings(
+      step_lib.frozen_inputs_abstract(config),
+      jax.tree.map(lambda _: sharding.replicated(mesh), step_lib.frozen_inputs_abstract(config)))
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = step.jitted.lower(state, batch, frozen)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    needed = _HBM_EXHAUSTED.search(str(e))
+    if needed is None:
+      raise
+    # The TPU compiler refuses a program whose buffers exceed HBM: it does not fit, and the
+    # message says how much its temporaries need.
+    return _report_without_executable(config, target, mesh, (state, batch, frozen),
+                                      float(needed.group(1)) * GIB, str(e).splitlines()[0],
+                                      time.perf_counter() - t0)
+  compile_s = time.perf_counter() - t0
+
+  state_bytes = _state_bytes_per_device(state, compiled.output_shardings[0])
+  memory = compiled.memory_analysis()
+  args, outs = memory.argument_size_in_bytes, memory.output_size_in_bytes
+  aliased, temps = memory.alias_size_in_bytes, memory.temp_size_in_bytes
+  peak = args + outs - aliased + temps
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  hlo = compiled.as_text()
+  if dump_hlo:
+    with open(dump_hlo, 'w') as f:
+      f.write(hlo)
+  slice_of = [getattr(d, 'slice_index', None) or 0 for d in mesh.devices.flat]
+  if target.platform != 'tpu':
+    slice_of = [d.process_index for d in mesh.devices.flat] if target.slices > 1 else slice_of
+  multi = len(set(slice_of)) > 1
+  collectives = hlo_stats.collective_stats(hlo, slice_of if multi else None)
+
+  n = mesh.devices.size
+  chip = target.chip
+  analytic = flops_lib.step_flops(config)['total'] / n
+  # XLA's cost analysis counts a loop body once; scanned blocks run it depth times. Its counts are
+  # scaled by the ratio of the HLO's own FLOPs/bytes with and without loop iterations (1 unrolled).
+  loops = hlo_stats.loop_aware_costs(hlo)
+  xla_flops = float(cost.get('flops', 0.0))
+  xla_bytes = float(cost.get('bytes accessed', 0.0))
+  flops = xla_flops * (loops['flops'] / loops['flops_once'] if loops['flops_once'] else 1.0)
+  hbm_bytes = xla_bytes * (loops['bytes_accessed'] / loops['bytes_once']
+                           if loops['bytes_once'] else 1.0)
+  sources = {'flops': 'xla', 'hbm_bytes': 'xla'}
+  if not flops:  # compile-only GPU executables report no cost analysis: the model's own FLOPs
+    flops, sources['flops'] = analytic, 'analytic (no XLA cost analysis for this target)'
+  if not hbm_bytes:  # ... and the HLO's operand/result bytes, an upper estimate
+    hbm_bytes = loops['bytes_accessed']
+    sources['hbm_bytes'] = 'HLO operand and result bytes (no XLA cost analysis for this target)'
+
+  traffic = sum(collectives[k]['traffic_bytes'] for k in hlo_stats.KINDS)
+  dcn_traffic = collectives.get('dcn_traffic_bytes', 0)
+  bounds = {
+      'compute': flops / chip.peak_flops,
+      'hbm': hbm_bytes / chip.hbm_bytes_per_s,
+      'ici': (traffic - dcn_traffic) / (chip.ici_bytes_per_s / 2),
+  }
+  if multi and chip.dcn_bytes_per_s:
+    bounds['dcn'] = dcn_traffic / chip.dcn_bytes_per_s
+  bound = max(bounds.values())
+  return {
+      'topology': target.topology,
+      'target': target.name,
+      'chip': chip.name,
+      'slices': target.slices,
+      'devices': n,
+      'mesh': dict(mesh.shape),
+      'batch': _batch_sizes(config),
+      'precision': {'compute_dtype': config.precision.compute_dtype,
+                    'remat_policy': config.precision.remat_policy,
+                    'scan_layers': bool(config.precision.scan_layers),
+                    'attention': config.precision.attention},
+      'memory_per_device_gib': {'arguments': args / GIB, 'outputs': outs / GIB,
+                                'aliased': aliased / GIB, 'temporaries': temps / GIB,
+                                'peak': peak / GIB},
+      'state_gib_per_device': {k: v / GIB for k, v in state_bytes.items()},
+      'hbm_gib': chip.hbm_bytes / GIB,
+      'fits': peak <= hbm_fraction * chip.hbm_bytes,
+      'flops_per_device': {'xla': flops, 'analytic': analytic, 'xla_loop_bodies_once': xla_flops},
+      'hbm_bytes_per_device': hbm_bytes,
+      'cost_sources': sources,
+      'collectives': {k: collectives[k] for k in hlo_stats.KINDS},
+      'collective_bytes_total': sum(collectives[k]['bytes'] for k in hlo_stats.KINDS),
+      'unknown_trip_counts': collectives['unknown_trip_counts'],
+      'compile_s': round(compile_s, 1),
+      'bound_s': bounds,
+      'bound_step_s': bound,
+      'mfu_ceiling': analytic / chip.peak_flops / bound if bound > 0 else None,
+      'xla_optimal_seconds': cost.get('optimal_seconds'),
+      'chip_source': chip.source,
+      'jax': jax.__version__,
+  }
