@@ -40,6 +40,21 @@ def _batch_sizes(config) -> dict:
   return {k: v if k in batch_lib.active_branches(config) else 0 for k, v in sizes.items()}
 
 
+def _describe(config, target, mesh) -> dict:
+  """What was compiled, for where: the fields every report starts with."""
+  import jax
+  return {
+      'topology': target.topology, 'target': target.name, 'chip': target.chip.name,
+      'chip_source': target.chip.source, 'slices': target.slices,
+      'devices': mesh.devices.size, 'mesh': dict(mesh.shape), 'batch': _batch_sizes(config),
+      'precision': {'compute_dtype': config.precision.compute_dtype,
+                    'remat_policy': config.precision.remat_policy,
+                    'scan_layers': bool(config.precision.scan_layers),
+                    'attention': config.precision.attention},
+      'jax': jax.__version__,
+  }
+
+
 _HBM_EXHAUSTED = re.compile(r'memory required for HLO temporaries \(([0-9.]+)G\) exceeds')
 
 
@@ -55,13 +70,7 @@ def _report_without_executable(config, target, mesh, inputs, temporaries, error,
   analytic = flops_lib.step_flops(config)['total'] / mesh.devices.size
   compute = analytic / target.chip.peak_flops
   return {
-      'topology': target.topology, 'target': target.name, 'chip': target.chip.name,
-      'slices': target.slices, 'devices': mesh.devices.size, 'mesh': dict(mesh.shape),
-      'batch': _batch_sizes(config),
-      'precision': {'compute_dtype': config.precision.compute_dtype,
-                    'remat_policy': config.precision.remat_policy,
-                    'scan_layers': bool(config.precision.scan_layers),
-                    'attention': config.precision.attention},
+      **_describe(config, target, mesh),
       'memory_per_device_gib': {'arguments': args / GIB, 'outputs': None, 'aliased': None,
                                 'temporaries': temporaries / GIB,
                                 'peak': (args + temporaries) / GIB},
@@ -74,8 +83,6 @@ def _report_without_executable(config, target, mesh, inputs, temporaries, error,
       'bound_s': {'compute': compute},
       'bound_step_s': compute,
       'mfu_ceiling': None,
-      'chip_source': target.chip.source,
-      'jax': jax.__version__,
   }
 
 
@@ -97,9 +104,9 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
   state, shardings, tx = stages.create_state(config, mesh, abstract=True)
   step = step_lib.make_train_step(config, mesh, shardings, tx)
   batch = batch_lib.abstract_batch(config, mesh)
+  frozen_shapes = step_lib.frozen_inputs_abstract(config)
   frozen = sharding.with_shardings(
-      step_lib.frozen_inputs_abstract(config),
-      jax.tree.map(lambda _: sharding.replicated(mesh), step_lib.frozen_inputs_abstract(config)))
+      frozen_shapes, jax.tree.map(lambda _: sharding.replicated(mesh), frozen_shapes))
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
     lowered = step.jitted.lower(state, batch, frozen)
@@ -127,9 +134,9 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
   if dump_hlo:
     with open(dump_hlo, 'w') as f:
       f.write(hlo)
-  slice_of = [getattr(d, 'slice_index', None) or 0 for d in mesh.devices.flat]
-  if target.platform != 'tpu':
-    slice_of = [d.process_index for d in mesh.devices.flat] if target.slices > 1 else slice_of
+  # The network boundary: TPU slices, or the hosts of GPU nodes.
+  slice_of = [(getattr(d, 'slice_index', None) or 0) if target.platform == 'tpu'
+              else d.process_index for d in mesh.devices.flat]
   multi = len(set(slice_of)) > 1
   collectives = hlo_stats.collective_stats(hlo, slice_of if multi else None)
 
@@ -162,17 +169,7 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
     bounds['dcn'] = dcn_traffic / chip.dcn_bytes_per_s
   bound = max(bounds.values())
   return {
-      'topology': target.topology,
-      'target': target.name,
-      'chip': chip.name,
-      'slices': target.slices,
-      'devices': n,
-      'mesh': dict(mesh.shape),
-      'batch': _batch_sizes(config),
-      'precision': {'compute_dtype': config.precision.compute_dtype,
-                    'remat_policy': config.precision.remat_policy,
-                    'scan_layers': bool(config.precision.scan_layers),
-                    'attention': config.precision.attention},
+      **_describe(config, target, mesh),
       'memory_per_device_gib': {'arguments': args / GIB, 'outputs': outs / GIB,
                                 'aliased': aliased / GIB, 'temporaries': temps / GIB,
                                 'peak': peak / GIB},
@@ -190,6 +187,4 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
       'bound_step_s': bound,
       'mfu_ceiling': analytic / chip.peak_flops / bound if bound > 0 else None,
       'xla_optimal_seconds': cost.get('optimal_seconds'),
-      'chip_source': chip.source,
-      'jax': jax.__version__,
   }

@@ -18,6 +18,7 @@ the whole buffer for a permute (n = the replica group's size).
 """
 
 import collections
+import functools
 import math
 import re
 
@@ -64,15 +65,8 @@ def _split_type(rest: str) -> tuple[str, str]:
 
 
 def _group_size(line: str, n_partitions: int) -> int:
-  if m := _EXPLICIT_GROUPS.search(line):
-    return max(len([x for x in m.group(1).strip('{}').split(',') if x]), 1)
-  if m := _MESH_GROUPS.search(line):
-    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
-    axes = re.findall(r"'([^']+)'", m.group(2))
-    return math.prod(int(sizes[a]) for a in axes) if axes else 1
-  if m := _IOTA_GROUPS.search(line):
-    return int(m.group(1).split(',')[-1])
-  return n_partitions  # no groups printed: all devices in one group
+  group = _first_group(line)
+  return n_partitions if group is None else max(len(group), 1)  # no groups printed: all devices
 
 
 def _first_group(line: str) -> list[int] | None:
@@ -99,6 +93,7 @@ def _first_group(line: str) -> list[int] | None:
   return None
 
 
+@functools.lru_cache(maxsize=2)  # bench.aot reads collectives and costs from the same text
 def _parse(hlo_text: str):
   """{computation: [(name, type_text, opcode, line)]}, the entry's name."""
   computations, entry, current = {}, None, None
@@ -242,12 +237,12 @@ def _operand_names(line: str, opcode: str) -> list[str]:
   args = line.split(f' {opcode}(', 1)
   if len(args) < 2:
     return []
-  depth, out = 1, []
+  depth = 1
   for i, ch in enumerate(args[1]):
     depth += (ch == '(') - (ch == ')')
     if depth == 0:
       return re.findall(r'%([^\s,)]+)', args[1][:i])
-  return out
+  return []
 
 
 def _contraction_flops(line, opcode, out_elems, shapes) -> float:
