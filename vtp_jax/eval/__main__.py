@@ -41,6 +41,7 @@ flags.DEFINE_integer('steps', None, 'generation: ODE grid points (default: confi
 flags.DEFINE_string('solver', None, "generation: 'euler' or 'heun' (default: config)")
 flags.DEFINE_integer('seed', 0, 'generation: sampling seed')
 flags.DEFINE_string('judge_dir', None, 'generation: vtp_shapes judge folder (default: by the data)')
+flags.DEFINE_bool('judge', True, 'generation: the vtp_shapes judge metrics (false skips them)')
 flags.mark_flags_as_required(['checkpoint', 'task'])
 FLAGS = flags.FLAGS
 
@@ -95,7 +96,7 @@ def _generation():
   metrics = generation.run(
       gen, tokenizer, FLAGS.dataset, num_images=FLAGS.num_images,
       max_real=FLAGS.max_examples or 0, fid_params=fid_params, judge_dir=FLAGS.judge_dir,
-      seed=FLAGS.seed, cfg_scale=FLAGS.cfg_scale, steps=FLAGS.steps, solver=FLAGS.solver)
+      judge=FLAGS.judge, seed=FLAGS.seed, cfg_scale=FLAGS.cfg_scale, steps=FLAGS.steps, solver=FLAGS.solver)
   if jax.process_index() == 0:
     print(json.dumps({'checkpoint': str(FLAGS.checkpoint), 'tokenizer': str(FLAGS.tokenizer),
                       'tasks': 'generation', 'dataset': FLAGS.dataset, 'metrics': metrics},

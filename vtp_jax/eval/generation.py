@@ -50,7 +50,8 @@ def real_images(config, dataset_spec: str, max_examples: int) -> tuple[np.ndarra
 
 
 def run(generator, tokenizer, dataset_spec: str, *, num_images: int, max_real: int = 0,
-        fid_params=None, judge_dir: str | None = None, seed: int = 0, **overrides) -> dict:
+        fid_params=None, judge_dir: str | None = None, judge: bool = True, seed: int = 0,
+        **overrides) -> dict:
   """Metrics of `generator` (a generation.generator.Generator) decoded by `tokenizer` against
   `dataset_spec` (read with the tokenizer's data config, centre-cropped to its image size)."""
   config = tokenizer.config
@@ -69,12 +70,12 @@ def run(generator, tokenizer, dataset_spec: str, *, num_images: int, max_real: i
       s.update(a)
       stats.append(s.mean_cov())
     metrics['gfid'] = fid.frechet_distance(*stats[0], *stats[1])
-  if dataset_spec.split(':')[0] == 'shapes':
-    from vtp_jax.eval import judge
-    params, _ = judge.load_or_train(str(judge_dir or judge.default_dir(config)))
-    if images.shape[1] != judge.IMAGE_SIZE:
-      raise ValueError(f'the judge reads {judge.IMAGE_SIZE} px vtp_shapes images; these are '
+  if judge and dataset_spec.split(':')[0] == 'shapes':
+    from vtp_jax.eval import judge as judge_lib
+    params, _ = judge_lib.load_or_train(str(judge_dir or judge_lib.default_dir(config)))
+    if images.shape[1] != judge_lib.IMAGE_SIZE:
+      raise ValueError(f'the judge reads {judge_lib.IMAGE_SIZE} px vtp_shapes images; these are '
                        f'{images.shape[1]} px.')
-    metrics.update(judge_metrics(judge.predict(params, images), labels,
-                                 judge.predict(params, real), real_labels))
+    metrics.update(judge_metrics(judge_lib.predict(params, images), labels,
+                                 judge_lib.predict(params, real), real_labels))
   return metrics

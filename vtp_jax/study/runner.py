@@ -1,0 +1,225 @@
+"""Runs the study's cells: each stage once, resumable, independent cells in parallel.
+
+A stage counts as finished only when its `done/<stage>.json` exists, written atomically after the
+command exits 0; a re-run skips finished stages and re-runs the rest. A training stage that was
+killed resumes from its own latest checkpoint (launch/main.py does that); the stages that write
+plain files (latent export, evaluation) start over. When the study process dies, each running
+command receives SIGTERM (guard.py), which a training run answers by saving a checkpoint, so
+nothing that was checkpointed is lost. A failed stage writes `failed.json` in its cell and the
+cell stops there; the other cells go on, and the next run of the study retries it.
+"""
+
+import concurrent.futures
+import fcntl
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+from vtp_jax.study import cells as cells_lib
+
+_GUARD = pathlib.Path(__file__).with_name('guard.py')
+
+
+def write_json(path: pathlib.Path, value) -> None:
+  """Atomically: a reader (or a re-run after a kill) sees the old file or the new, never half."""
+  tmp = path.with_suffix(path.suffix + '.tmp')
+  tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def last_json_line(text: str):
+  for line in reversed(text.splitlines()):
+    line = line.strip()
+    if line.startswith('{'):
+      try:
+        return json.loads(line)
+      except json.JSONDecodeError:
+        continue
+  return None
+
+
+def tokenizer_metrics(workdir: pathlib.Path) -> dict:
+  """The end-of-run evaluations the training loop appended to metrics.jsonl (last eval row)."""
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+          if line.strip()]
+  evals = [r for r in rows if any(k.startswith('eval/') for k in r)]
+  if not evals:
+    return {}
+  return {k[len('eval/'):]: v for k, v in evals[-1].items() if k.startswith('eval/')}
+
+
+def tokenizer_flops(workdir: pathlib.Path) -> dict:
+  """Analytic training FLOPs of the tokenizer (train/flops.py per step x train.steps)."""
+  from vtp_jax import checkpoint_io
+  from vtp_jax.train import flops as flops_lib
+  config = checkpoint_io.load_config(workdir)
+  per_step = float(flops_lib.step_flops(config)['total'])
+  steps = int(config.train.steps)
+  return {'tokenizer_flops': per_step * steps, 'tokenizer_step_flops': per_step,
+          'tokenizer_steps': steps, 'encoder_width': int(config.model.encoder.width),
+          'encoder_depth': int(config.model.encoder.depth)}
+
+
+class Study:
+  """One study folder: `run()` brings every cell as far as it goes and returns their states."""
+
+  def __init__(self, study, workdir, parallel: int = 1, log=print):
+    missing = [k for k in str(study.get('required', '')).split(',') if k and not study[k]]
+    if missing:
+      raise ValueError('this study config needs ' + ', '.join(f'--config.{k}=...' for k in missing)
+                       + ' (see the config file\'s docstring).')
+    self.study = study
+    self.dir = pathlib.Path(workdir).absolute()
+    self.parallel = max(1, int(parallel))
+    self.log = log
+    self.cells = cells_lib.grid(study)
+    self.judge_dir = self.dir / 'judge'
+    self._judge_done = threading.Event()
+    self._judge_ok = False
+    self._lock_file = None
+
+  def cell_dir(self, cell) -> pathlib.Path:
+    return self.dir / 'cells' / cell.name
+
+  def plan(self) -> dict:
+    return {c.name: cells_lib.commands(c, self.study, self.cell_dir(c), self.judge_dir)
+            for c in self.cells}
+
+  # -- one command ---------------------------------------------------------------------------
+
+  def _run(self, argv, log_path: pathlib.Path) -> tuple:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log_path, 'a') as log:
+      log.write(f'\n$ {shlex.join(argv)}\n')
+      log.flush()
+      proc = subprocess.run([sys.executable, str(_GUARD), str(os.getpid()), *argv],
+                            cwd=cells_lib.REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+      log.write(proc.stdout)
+    return proc.returncode, proc.stdout, time.time() - start
+
+  def _check_cell_commands(self, cell, commands) -> None:
+    """A cell made by other commands (the config changed since) is never mixed with new stages."""
+    path = self.cell_dir(cell) / 'cell.json'
+    # Compared without the interpreter's path, so a re-run from another virtualenv still matches.
+    record = {'objective': cell.objective, 'budget': cell.budget,
+              'commands': {s: shlex.join(a[1:]) for s, a in commands.items()}}
+    if path.exists():
+      old = json.loads(path.read_text())
+      if old.get('commands') != record['commands']:
+        changed = [s for s in record['commands'] if old.get('commands', {}).get(s) !=
+                   record['commands'][s]]
+        raise ValueError(f'{self.cell_dir(cell)} was made by other commands (stages {changed}); '
+                         'the study config changed since. Delete that folder to redo the cell, '
+                         'or use a new --workdir.')
+    else:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      write_json(path, record)
+
+  # -- stages --------------------------------------------------------------------------------
+
+  def _judge(self) -> None:
+    try:
+      done = self.judge_dir / 'done.json'
+      if done.exists():
+        self._judge_ok = True
+        return
+      self.log(f'study: training the judge into {self.judge_dir}')
+      rc, out, wall = self._run(cells_lib.judge_command(self.study, self.judge_dir),
+                                self.dir / 'logs' / 'judge.log')
+      if rc == 0:
+        write_json(done, {'wall_s': wall, 'result': last_json_line(out)})
+        self._judge_ok = True
+      else:
+        self.log(f'study: the judge failed (exit {rc}); see {self.dir / "logs" / "judge.log"}')
+    finally:
+      self._judge_done.set()
+
+  def _stage_result(self, cell, stage, out: str) -> dict:
+    cell_dir = self.cell_dir(cell)
+    if stage == 'tokenizer':
+      return {'metrics': tokenizer_metrics(cell_dir / 'tokenizer'),
+              **tokenizer_flops(cell_dir / 'tokenizer')}
+    if stage == 'generation_eval':
+      parsed = last_json_line(out)
+      if not parsed or 'metrics' not in parsed:
+        raise RuntimeError('the generation evaluation printed no JSON metrics')
+      return {'metrics': parsed['metrics']}
+    return {}
+
+  def run_cell(self, cell) -> str:
+    """'done' or 'failed: <stage>'; finished stages are skipped."""
+    cell_dir = self.cell_dir(cell)
+    commands = cells_lib.commands(cell, self.study, cell_dir, self.judge_dir)
+    self._check_cell_commands(cell, commands)
+    (cell_dir / 'done').mkdir(parents=True, exist_ok=True)
+    failed = cell_dir / 'failed.json'
+    for stage in cells_lib.STAGES:
+      marker = cell_dir / 'done' / f'{stage}.json'
+      if marker.exists():
+        continue
+      if stage == 'export':  # a half-written export is redone from scratch
+        shutil.rmtree(cell_dir / 'latents', ignore_errors=True)
+      if stage == 'generation_eval' and self.study.generation_eval.judge:
+        self._judge_done.wait()
+        if not self._judge_ok:
+          write_json(failed, {'stage': stage, 'error': 'the judge failed to train',
+                              'log': str(self.dir / 'logs' / 'judge.log')})
+          return f'failed: {stage}'
+      self.log(f'study: {cell.name}: {stage}')
+      log_path = cell_dir / 'logs' / f'{stage}.log'
+      rc, out, wall = self._run(commands[stage], log_path)
+      try:
+        if rc != 0:
+          raise RuntimeError(f'exit status {rc}')
+        result = self._stage_result(cell, stage, out)
+      except Exception as e:  # noqa: BLE001  (recorded; the other cells go on)
+        tail = log_path.read_text().splitlines()[-20:]
+        write_json(failed, {'stage': stage, 'error': str(e), 'log': str(log_path), 'tail': tail})
+        self.log(f'study: {cell.name}: {stage} failed ({e}); see {log_path}')
+        return f'failed: {stage}'
+      write_json(marker, {'wall_s': wall, 'command': shlex.join(commands[stage]), **result})
+    failed.unlink(missing_ok=True)
+    return 'done'
+
+  # -- the whole grid ------------------------------------------------------------------------
+
+  def _acquire(self) -> None:
+    self.dir.mkdir(parents=True, exist_ok=True)
+    self._lock_file = open(self.dir / '.lock', 'w')
+    try:
+      fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise RuntimeError(f'another study is running in {self.dir}; wait for it or stop it.')
+
+  def run(self) -> dict:
+    self._acquire()
+    try:
+      pending = [c for c in self.cells
+                 if not (self.cell_dir(c) / 'done' / f'{cells_lib.STAGES[-1]}.json').exists()]
+      self.log(f'study: {len(self.cells)} cells, {len(self.cells) - len(pending)} finished, '
+               f'{self.parallel} at a time')
+      states = {c.name: 'done' for c in self.cells if c not in pending}
+      needs_judge = bool(self.study.generation_eval.judge) and bool(pending)
+      with concurrent.futures.ThreadPoolExecutor(self.parallel) as pool:
+        if needs_judge:
+          pool.submit(self._judge)
+        else:
+          self._judge_done.set()
+        futures = {pool.submit(self.run_cell, c): c for c in pending}
+        for future in concurrent.futures.as_completed(futures):
+          cell = futures[future]
+          try:
+            states[cell.name] = future.result()
+          except Exception as e:  # noqa: BLE001  (a cell that cannot start, e.g. changed config)
+            states[cell.name] = f'failed: {e}'
+            self.log(f'study: {cell.name}: {e}')
+      return {c.name: states[c.name] for c in self.cells}
+    finally:
+      self._lock_file.close()
