@@ -62,6 +62,14 @@ needs_cpp_compiler = pytest.mark.skipif(
     cpu_build.compiler() is None,
     reason="the 'cpu' kernels are compiled on first use and no C++ compiler was found")
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `heavy` go first. pytest-xdist hands tests to its workers in collection order,
+  so heavy tests collected last (the TPU compiles, the training drivers) would leave one worker
+  running them alone at the end; first, they overlap and the short tests fill the gaps."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker('heavy') is None)  # stable sort
+
+
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / 'shared'
 FIXTURE = SHARED / 'fixtures' / 'vtp_reference_tiny'
 

@@ -115,6 +115,7 @@ def _shapes_and_specs(config, target):
   return totals(state.params), totals(state)
 
 
+@pytest.mark.heavy
 @needs_libtpu
 @pytest.mark.parametrize('topology,mesh', [
     ('v5e-4', dict(data=1, fsdp=4, tensor=1)),
@@ -160,6 +161,7 @@ def test_tiny_step_compiles_for_tpu_with_sharded_state_and_collectives(topology,
   assert 0 < report['mfu_ceiling'] <= 1
 
 
+@pytest.mark.heavy
 @needs_libtpu
 def test_fits_turns_false_when_the_batch_outgrows_the_chip():
   """vtp_tiny at 4096x its batch on 4 v5e chips (16 GiB each): the activations no longer fit."""
@@ -193,6 +195,7 @@ def test_plan_candidates_and_ranking():
   assert ranked[0]['report']['memory_per_device_gib']['peak'] == 40.0
 
 
+@pytest.mark.heavy
 @needs_libtpu
 def test_generator_step_compiles_for_tpu():
   """The downstream generator (config.task='generation') goes through the same tool: dit_tiny

@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from conftest import FAST_COMPILE, MICRO_CONFIG
 from vtp_jax.bench import profile
 
@@ -50,6 +52,7 @@ def test_breakdown_sums_durations_by_kind_and_scope():
                                   ['forward encoder/blocks_N/mlp/fc1/dot_general', 0.002]]
 
 
+@pytest.mark.heavy
 def test_profile_command_traces_the_real_step(tmp_path):
   config_file = tmp_path / 'profile_micro.py'
   config_file.write_text(MICRO_CONFIG)

@@ -12,11 +12,14 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from conftest import FAST_COMPILE, MICRO_CONFIG
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.heavy
 def test_step_benchmark_prints_consistent_json_on_two_devices(tmp_path):
   config_file = tmp_path / 'bench_micro.py'
   config_file.write_text(MICRO_CONFIG)

@@ -140,6 +140,7 @@ def test_sharded_init_lays_shards_without_a_full_copy():
   assert max(per_device.values()) < total / 4
 
 
+@pytest.mark.heavy
 def test_sharded_forward_equals_single_device_forward():
   config = micro_config()
   model = vtp.build(config)

@@ -88,6 +88,7 @@ def test_pipeline_errors_name_the_key_to_fix(tmp_path, latents):
     gen_data.make_iterator(config)
 
 
+@pytest.mark.heavy
 def test_driver_trains_checkpoints_and_resumes_to_the_same_weights(latents, tmp_path):
   """launch/main.py's train_and_evaluate on config.task='generation': 6 steps straight, and 3 steps
   then a second invocation to 6 (Orbax state and Grain iterator restored) end identical."""

@@ -58,6 +58,7 @@ def _assert_equal(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.heavy
 def test_saved_on_2x2x2_restores_onto_1x8x1_and_one_device(tmp_path):
   config = micro_config()
   state, _ = _placed_state(config, _mesh(2, 2, 2))

@@ -48,6 +48,7 @@ def test_patch_discriminator_layout_and_batch_norm():
   np.testing.assert_allclose(norm.apply({'params': norm_params}, y), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_decoder_gradient_equals_direct_autodiff_of_the_ldm_objective():
   """The step's VJP-linearity shortcut against jax.grad of each term through the whole decoder."""
   config = _gan_config()
@@ -97,6 +98,7 @@ def test_decoder_gradient_equals_direct_autodiff_of_the_ldm_objective():
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7)
 
 
+@pytest.mark.heavy
 def test_steps_train_decoder_and_discriminator_only():
   start_step = 2  # two steps without and two with the GAN terms
   config = _gan_config(start_step=start_step)

@@ -41,6 +41,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.heavy
 def test_two_processes_train_and_checkpoint_then_one_process_resumes(launch_env, tmp_path):
   config_file, env = launch_env
   work = tmp_path / 'work'

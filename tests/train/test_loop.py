@@ -77,6 +77,7 @@ def _latest(workdir):
   return None if latest is None else int(latest.name)
 
 
+@pytest.mark.heavy
 def test_sigkill_and_sigterm_then_rerun_is_bit_identical_to_an_uninterrupted_run(
     driver_env, tmp_path):
   config_file, env = driver_env
@@ -160,6 +161,7 @@ print('RESULT ' + json.dumps(out))
 '''
 
 
+@pytest.mark.heavy
 def test_nan_policies_stop_keeps_the_last_good_checkpoint_and_skip_drops_the_update(
     driver_env, tmp_path):
   config_file, env = driver_env
@@ -217,6 +219,7 @@ print('RESULT ' + json.dumps(out))
 '''
 
 
+@pytest.mark.heavy
 def test_the_host_waits_for_step_n_minus_k_after_dispatching_step_n(driver_env, tmp_path):
   """With log_every and checkpoint_every beyond the run, only train.max_steps_ahead stops the host
   from queueing every step (which delays a SIGTERM save by up to log_every steps)."""

@@ -46,6 +46,7 @@ def _run(config, mesh, n_steps, batch, check_abstract=False):
   return before, jax.device_get(state), history
 
 
+@pytest.mark.heavy
 def test_sharded_step_equals_single_device_step_and_teacher_is_exact_ema():
   config = step_config(lpips_weight=0.0)  # LPIPS is covered below; VGG16 triples compile time
   batch = batch_lib.synthetic_batch(config)
@@ -86,6 +87,7 @@ def smooth_images(batch, seed=0):
   return jax.tree.map(smooth, batch)
 
 
+@pytest.mark.heavy
 def test_hundred_steps_drive_every_enabled_loss_down():
   config = step_config(koleo_weight=0.0)
   # 1 reconstructed image: LPIPS on the micro config's 32 px images is most of this test's time
