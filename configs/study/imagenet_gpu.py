@@ -7,9 +7,9 @@ each tokenizer's latents; gFID on 10k samples.
         --config.data_source=arrayrecord:/data/datacomp/*.array_record \\
         --config.fid_weights=fid_inception.npz
 
-The global batch is 4,096 image-text pairs (1,024 SSL, 512 reconstruction), a quarter of the
-paper's, so that the tokenizer fits one 8 x H200 node (`docs/scaling.md` has the compile that
-checks it); the budgets are counted in samples seen at that batch.
+The paper's batch (16,384 image-text pairs, 4,096 SSL, 2,048 reconstruction) fits one 8 x H200
+node with FSDP over the 8 GPUs and remat `full` (`docs/scaling.md`, 'GPU nodes', has the compile
+that checks it).
 """
 
 import ml_collections
@@ -31,14 +31,14 @@ def get_config():
   # The baseline reconstructs as many images a step as VTP does (512 of 4,096).
   c.objective_overrides = ml_collections.ConfigDict(
       {'recon_only': ['data.rec_batch_fraction=0.125']})
-  # 12.5k to 100k steps at batch 4,096: 51M to 410M samples seen.
-  c.budgets = ml_collections.ConfigDict({'k012': _steps(12500), 'k025': _steps(25000),
-                                         'k050': _steps(50000), 'k100': _steps(100000)})
+  # 5k to 40k steps at the paper's batch: 82M to 655M samples seen (the paper's runs: 1.1B).
+  c.budgets = ml_collections.ConfigDict({'k05': _steps(5000), 'k10': _steps(10000),
+                                         'k20': _steps(20000), 'k40': _steps(40000)})
   c.data_source = ''  # image-caption records for the tokenizers, e.g. arrayrecord:GLOB
   c.required = 'data_source,fid_weights'  # the study refuses to start while these are empty
   c.tokenizer_overrides = [
       'model.decoder.depth=4',  # the scaling studies' pixel decoder: 4 ViT-L layers [P]
-      'data.batch_size=4096', 'mesh.data=1', 'mesh.fsdp=-1',
+      'mesh.data=1', 'mesh.fsdp=-1',
       'precision.remat_policy=full', 'precision.scan_layers=True',
       'evals.at_end=True', 'evals.dataset=tfds:imagenet2012:validation',
       'evals.train_dataset=tfds:imagenet2012:train']
