@@ -52,14 +52,32 @@ def test_grid_has_every_objective_at_every_budget_with_overrides_in_order():
   assert [c.name for c in cells_lib.grid(study)] == ['a-n', 'b-n']
 
 
-def test_a_cell_made_by_other_commands_is_refused(tmp_path):
+def test_a_changed_command_is_refused_or_redone_from_the_first_changed_stage(tmp_path):
   study = _cpu_config()
-  s = runner.Study(study, tmp_path)
-  cell = s.cells[0]
-  s._check_cell_commands(cell, cells_lib.commands(cell, study, s.cell_dir(cell), s.judge_dir))
-  study.generator.overrides = ['train.steps=5']
-  with pytest.raises(ValueError, match='made by other commands'):
-    s._check_cell_commands(cell, cells_lib.commands(cell, study, s.cell_dir(cell), s.judge_dir))
+  cell = runner.Study(study, tmp_path).cells[0]
+  cell_dir = tmp_path / 'cells' / cell.name
+  runner.Study(study, tmp_path)._reconcile(cell)  # a new cell records its commands
+  # A finished cell: every stage's record and output folder.
+  (cell_dir / 'done').mkdir()
+  for stage in cells_lib.STAGES:
+    runner.write_json(cell_dir / 'done' / f'{stage}.json', {'wall_s': 1.0})
+    if cells_lib.STAGE_OUTPUTS[stage]:
+      (cell_dir / cells_lib.STAGE_OUTPUTS[stage]).mkdir()
+  runner.Study(study, tmp_path)._reconcile(cell)  # same commands: nothing happens
+  assert len(list((cell_dir / 'done').iterdir())) == 4
+
+  study.generator.overrides = ['train.steps=5']  # a new generator budget
+  with pytest.raises(ValueError, match=r"other commands \(stages \['generator'\]\)"):
+    runner.Study(study, tmp_path)._reconcile(cell)
+  assert len(list((cell_dir / 'done').iterdir())) == 4  # refused: nothing removed
+
+  runner.Study(study, tmp_path, redo_changed=True)._reconcile(cell)  # ... and every stage after
+  assert sorted(p.name for p in (cell_dir / 'done').iterdir()) == ['export.json', 'tokenizer.json']
+  assert (cell_dir / 'tokenizer').exists() and (cell_dir / 'latents').exists()
+  assert not (cell_dir / 'generator').exists()  # else the old run's checkpoints would resume
+  recorded = json.loads((cell_dir / 'cell.json').read_text())['commands']['generator']
+  assert '--config.train.steps=5' in recorded
+  runner.Study(study, tmp_path)._reconcile(cell)  # the new commands now stand
 
 
 def test_pearson_matches_numpy_and_skips_missing_values():

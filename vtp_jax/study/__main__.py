@@ -1,11 +1,12 @@
 """Command line: run (or continue) a scaling study and write its table and figures.
 
     python -m vtp_jax.study --config=configs/study/shapes_cpu.py --workdir=DIR [--parallel=N]
-        [--config.KEY=VALUE ...] [--dry_run]
+        [--config.KEY=VALUE ...] [--dry_run] [--redo_changed]
 
 Re-running the same command continues where the last run stopped: finished stages are never redone
 and a half-trained tokenizer or generator resumes from its checkpoint. `--parallel=N` runs N cells
-at once as separate processes. DIR/results.csv, DIR/results.json and the PNG figures are rewritten
+at once as separate processes. A cell whose commands the config has changed since is refused;
+`--redo_changed` redoes its changed stages and those after them. DIR/results.csv, DIR/results.json and the PNG figures are rewritten
 at the end of every run (also when some cells failed; their state says which stage). Exit status 0
 when every cell is done, 1 otherwise.
 """
@@ -23,6 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'study config, e.g. co
 _WORKDIR = flags.DEFINE_string('workdir', None, 'study folder: cells/, judge/, results, figures')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'cells run at once, each as its own processes')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'print every cell\'s commands and exit')
+_REDO_CHANGED = flags.DEFINE_bool(
+    'redo_changed', False, 'where the config changed a cell\'s command, redo that stage and the '
+    'ones after it (their outputs are deleted) instead of refusing the cell')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -32,7 +36,7 @@ def main(argv):
   from vtp_jax.study import figures, results, runner
   try:
     study = runner.Study(_CONFIG.value, _WORKDIR.value, parallel=_PARALLEL.value,
-                         log=lambda m: print(m, flush=True))
+                         log=lambda m: print(m, flush=True), redo_changed=_REDO_CHANGED.value)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -20,6 +20,9 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STAGES = ('tokenizer', 'export', 'generator', 'generation_eval')
+# The folder each stage writes inside its cell (the evaluation only prints its JSON).
+STAGE_OUTPUTS = {'tokenizer': 'tokenizer', 'export': 'latents', 'generator': 'generator',
+                 'generation_eval': None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +66,7 @@ def _config_flags(overrides) -> list:
 def commands(cell: Cell, study, cell_dir: pathlib.Path, judge_dir: pathlib.Path) -> dict:
   """{stage: argv} for `cell`, run from the repository root."""
   py = sys.executable
-  tok, lat, gen = cell_dir / 'tokenizer', cell_dir / 'latents', cell_dir / 'generator'
+  tok, lat, gen = (cell_dir / STAGE_OUTPUTS[s] for s in ('tokenizer', 'export', 'generator'))
   fid = str(study.fid_weights or '')
   tokenizer = [py, 'launch/main.py', f'--config={cell.tokenizer_config}', f'--workdir={tok}',
                *_config_flags(cell.tokenizer_overrides)]

@@ -7,6 +7,11 @@ plain files (latent export, evaluation) start over. When the study process dies,
 command receives SIGTERM (guard.py), which a training run answers by saving a checkpoint, so
 nothing that was checkpointed is lost. A failed stage writes `failed.json` in its cell and the
 cell stops there; the other cells go on, and the next run of the study retries it.
+
+A cell records the commands it was made with (`cell.json`). When the study config changes a stage's
+command, that cell is refused, finished or not, unless `redo_changed`: then the first changed stage
+and every stage after it are redone (their records and output folders removed) and the earlier
+stages are kept, so a new generator budget retrains only the generators.
 """
 
 import concurrent.futures
@@ -69,7 +74,7 @@ def tokenizer_flops(workdir: pathlib.Path) -> dict:
 class Study:
   """One study folder: `run()` brings every cell as far as it goes and returns their states."""
 
-  def __init__(self, study, workdir, parallel: int = 1, log=print):
+  def __init__(self, study, workdir, parallel: int = 1, log=print, redo_changed: bool = False):
     missing = [k for k in str(study.get('required', '')).split(',') if k and not study[k]]
     if missing:
       raise ValueError('this study config needs ' + ', '.join(f'--config.{k}=...' for k in missing)
@@ -77,6 +82,7 @@ class Study:
     self.study = study
     self.dir = pathlib.Path(workdir).absolute()
     self.parallel = max(1, int(parallel))
+    self.redo_changed = redo_changed
     self.log = log
     self.cells = cells_lib.grid(study)
     self.judge_dir = self.dir / 'judge'
@@ -104,23 +110,34 @@ class Study:
       log.write(proc.stdout)
     return proc.returncode, proc.stdout, time.time() - start
 
-  def _check_cell_commands(self, cell, commands) -> None:
-    """A cell made by other commands (the config changed since) is never mixed with new stages."""
-    path = self.cell_dir(cell) / 'cell.json'
+  def _reconcile(self, cell) -> None:
+    """Makes `cell.json` match the current commands: a new cell records them; a cell whose
+    commands changed is refused, or with `redo_changed` loses the changed stages and those after
+    them (their done records and output folders), keeping the stages before."""
+    cell_dir = self.cell_dir(cell)
+    commands = cells_lib.commands(cell, self.study, cell_dir, self.judge_dir)
+    path = cell_dir / 'cell.json'
     # Compared without the interpreter's path, so a re-run from another virtualenv still matches.
     record = {'objective': cell.objective, 'budget': cell.budget,
               'commands': {s: shlex.join(a[1:]) for s, a in commands.items()}}
     if path.exists():
-      old = json.loads(path.read_text())
-      if old.get('commands') != record['commands']:
-        changed = [s for s in record['commands'] if old.get('commands', {}).get(s) !=
-                   record['commands'][s]]
-        raise ValueError(f'{self.cell_dir(cell)} was made by other commands (stages {changed}); '
-                         'the study config changed since. Delete that folder to redo the cell, '
-                         'or use a new --workdir.')
-    else:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      write_json(path, record)
+      old = json.loads(path.read_text()).get('commands', {})
+      changed = [s for s in cells_lib.STAGES if old.get(s) != record['commands'][s]]
+      if not changed:
+        return
+      if not self.redo_changed:
+        raise ValueError(f'{cell_dir} was made by other commands (stages {changed}); the study '
+                         'config changed since. Run with --redo_changed to redo those stages and '
+                         'the ones after them, delete that folder, or use a new --workdir.')
+      redo = cells_lib.STAGES[cells_lib.STAGES.index(changed[0]):]
+      self.log(f'study: {cell.name}: commands changed; redoing {", ".join(redo)}')
+      for stage in redo:
+        (cell_dir / 'done' / f'{stage}.json').unlink(missing_ok=True)
+        if cells_lib.STAGE_OUTPUTS[stage]:
+          shutil.rmtree(cell_dir / cells_lib.STAGE_OUTPUTS[stage], ignore_errors=True)
+      (cell_dir / 'failed.json').unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
 
   # -- stages --------------------------------------------------------------------------------
 
@@ -157,7 +174,6 @@ class Study:
     """'done' or 'failed: <stage>'; finished stages are skipped."""
     cell_dir = self.cell_dir(cell)
     commands = cells_lib.commands(cell, self.study, cell_dir, self.judge_dir)
-    self._check_cell_commands(cell, commands)
     (cell_dir / 'done').mkdir(parents=True, exist_ok=True)
     failed = cell_dir / 'failed.json'
     for stage in cells_lib.STAGES:
@@ -201,11 +217,19 @@ class Study:
   def run(self) -> dict:
     self._acquire()
     try:
-      pending = [c for c in self.cells
-                 if not (self.cell_dir(c) / 'done' / f'{cells_lib.STAGES[-1]}.json').exists()]
-      self.log(f'study: {len(self.cells)} cells, {len(self.cells) - len(pending)} finished, '
+      states = {}
+      for c in self.cells:  # finished cells too: a changed command invalidates their results
+        try:
+          self._reconcile(c)
+        except ValueError as e:
+          states[c.name] = f'failed: {e}'
+          self.log(f'study: {c.name}: {e}')
+      pending = [c for c in self.cells if c.name not in states and
+                 not (self.cell_dir(c) / 'done' / f'{cells_lib.STAGES[-1]}.json').exists()]
+      finished = [c for c in self.cells if c.name not in states and c not in pending]
+      states.update({c.name: 'done' for c in finished})
+      self.log(f'study: {len(self.cells)} cells, {len(finished)} finished, '
                f'{self.parallel} at a time')
-      states = {c.name: 'done' for c in self.cells if c not in pending}
       needs_judge = bool(self.study.generation_eval.judge) and bool(pending)
       with concurrent.futures.ThreadPoolExecutor(self.parallel) as pool:
         if needs_judge:
@@ -217,7 +241,7 @@ class Study:
           cell = futures[future]
           try:
             states[cell.name] = future.result()
-          except Exception as e:  # noqa: BLE001  (a cell that cannot start, e.g. changed config)
+          except Exception as e:  # noqa: BLE001  (a cell that cannot start)
             states[cell.name] = f'failed: {e}'
             self.log(f'study: {cell.name}: {e}')
       return {c.name: states[c.name] for c in self.cells}
