@@ -1,6 +1,7 @@
 """A minutes-long study that runs every stage of every cell on micro budgets: a VTP-tiny shrunk
-to width 32 (still 64 px images, so DiT-tiny's 4x4x64 latents fit), two and three steps, linear
-probe and reconstruction evaluations only. The harness's own check (tests/study/test_study.py),
+to width 32 (still 64 px images, so DiT-tiny's 4x4x64 latents fit), two and three steps, L1 alone
+as the reconstruction loss (LPIPS's VGG backward is a third of the step's compile), linear probe and
+reconstruction evaluations only. The harness's own check (tests/study/test_study.py),
 not a measurement.
 
     python -m vtp_jax.study --config=configs/study/shapes_smoke.py --workdir=/tmp/study_smoke
@@ -24,7 +25,7 @@ def get_config():
       'model.decoder.width=32', 'model.decoder.depth=1', 'model.decoder.heads=2',
       'model.text.width=32', 'model.text.depth=1', 'model.text.heads=2', 'model.clip_dim=16',
       'model.dino_head.hidden=32', 'model.dino_head.bottleneck=16',
-      'model.dino_head.prototypes=64',
+      'model.dino_head.prototypes=64', 'loss.lpips_weight=0',
       'evals.tasks=linear_probe,reconstruction', 'evals.probe_n_blocks=1',
       'evals.max_examples=64', 'evals.max_train_examples=128', 'evals.probe_steps=5',
       'evals.probe_lrs=0.1', 'evals.batch_size=64', 'train.image_log_every=0']
