@@ -30,13 +30,19 @@ _REDO_CHANGED = flags.DEFINE_bool(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _log(message: str) -> None:
+  # One write per line: cells log from parallel threads, and print's separate newline interleaves.
+  sys.stdout.write(message + '\n')
+  sys.stdout.flush()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from vtp_jax.study import figures, results, runner
   try:
     study = runner.Study(_CONFIG.value, _WORKDIR.value, parallel=_PARALLEL.value,
-                         log=lambda m: print(m, flush=True), redo_changed=_REDO_CHANGED.value)
+                         log=_log, redo_changed=_REDO_CHANGED.value)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
