@@ -43,8 +43,8 @@ def get_config():
   c.export.max_examples = 0  # evenly spaced examples; 0 = all
   c.generator = ml_collections.ConfigDict()
   c.generator.config = 'configs/dit_tiny.py'  # the generator of fixed budget, the same for every cell
-  # Its budget. EMA 0.995 averages the last ~200 of the 1,000 steps; dit_tiny's 0.999 would still
-  # hold 37% of the untrained initial weights at step 1,000 (0.999^1000) and sample grey noise.
+  # Its budget. EMA 0.995 (dit_tiny's) averages the last ~200 of the 1,000 steps; at 0.999 the
+  # untrained initial weights would hold 37% of the EMA at step 1,000 and the samples are grey.
   c.generator.overrides = ['train.steps=1000', 'train.checkpoint_every=500', 'flow.ema_decay=0.995']
   c.generation_eval = ml_collections.ConfigDict()
   c.generation_eval.dataset = 'shapes:validation'  # real images the samples are compared with
