@@ -1,5 +1,5 @@
 """Test-wide setup: eight fake CPU devices, so sharding is exercised for real, LLVM at -O0, and one
-persistent compilation cache per test session.
+persistent compilation cache per pytest run.
 
 XLA reads the device count once, when jax first initialises its CPU backend; this file is imported by
 pytest before any test module, so setting the flag here (before `import jax`) is early enough.
@@ -27,13 +27,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The AOT tests load libtpu in each pytest-xdist worker; it takes a lock file unless told not to.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
-# One persistent XLA compilation cache per test session, which the pytest-xdist workers and the
+# One persistent XLA compilation cache per pytest run, which the pytest-xdist workers and the
 # launch/main.py subprocesses inherit through the environment (the controller process imports this
 # file first). Workers writing at once are safe enough: JAX reads an unreadable entry as a miss.
 # Many tests compile the same micro-model programs (the state init, the train step) from fresh
 # closures, which jit's in-memory cache cannot match; the persistent cache keys on the program
-# itself (HLO, compile options, devices, versions). A fresh folder per session keeps one run
-# independent of the last. JAX_COMPILATION_CACHE_DIR set by the caller is left alone.
+# itself (HLO, compile options, devices, versions). A fresh folder per pytest run keeps one
+# run independent of the last. JAX_COMPILATION_CACHE_DIR set by the caller is left alone.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _xla_cache = tempfile.mkdtemp(prefix='vtp_jax_tests_xla_cache_')
   atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
@@ -41,7 +41,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 # The 'cpu' attention and dense kernels are compiled into a cache on first use: a fresh cache per
-# session, so every run builds them from the source it tests.
+# pytest run, so every run builds them from the source it tests.
 if 'VTP_JAX_KERNEL_CACHE' not in os.environ:
   _kernel_cache = tempfile.mkdtemp(prefix='vtp_jax_tests_kernels_')
   atexit.register(shutil.rmtree, _kernel_cache, ignore_errors=True)
