@@ -2,6 +2,7 @@
 latent pipeline's normalisation, and launch/main.py's driver end to end (resume included)."""
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -108,6 +109,37 @@ def test_driver_trains_checkpoints_and_resumes_to_the_same_weights(latents, tmp_
   b = checkpoint_io.load_item(resumed, 'ema')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.heavy
+def test_a_run_stopped_in_its_final_evaluation_evaluates_the_saved_step_when_run_again(
+    latents, tmp_path):
+  """A run killed during its end-of-run evaluation has saved its last step; the next invocation
+  has no step left to train, evaluates that checkpoint and records it, once."""
+  folder, _ = latents
+  config = micro_config()
+  config.latents.source = f'arrayrecord:{folder}/latents-*.array_record'
+  config.evals.update(tasks='stub', at_end=True, every_steps=0)
+  work = tmp_path / 'w'
+
+  def killed(config, step_dir, step):
+    raise KeyboardInterrupt  # stands for the process dying mid-evaluation
+
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(config, work, evaluate=killed)
+  calls = []
+
+  def stub(config, step_dir, step):
+    calls.append((pathlib.Path(step_dir).name, step))
+    return {'probe': 0.25}
+
+  summary = loop.train_and_evaluate(config, work, evaluate=stub)
+  assert summary['start_step'] == 6 and summary['step'] == 6
+  assert calls == [('6', 6)]
+  rows = [json.loads(line) for line in (work / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['eval/probe'] for r in rows if 'eval/probe' in r and r['step'] == 6] == [0.25]
+  loop.train_and_evaluate(config, work, evaluate=stub)
+  assert len(calls) == 1  # recorded: not evaluated again
 
 
 def test_driver_rejects_a_generation_config_without_latents_before_compiling(tmp_path):

@@ -80,6 +80,30 @@ def test_a_changed_command_is_refused_or_redone_from_the_first_changed_stage(tmp
   runner.Study(study, tmp_path)._reconcile(cell)  # the new commands now stand
 
 
+def test_a_tokenizer_without_its_end_of_run_evaluation_is_not_recorded_as_done(tmp_path):
+  """A tokenizer whose config asks for end-of-run evaluations but whose metrics.jsonl has none
+  (its run was stopped while evaluating) fails the stage, so the next run of the study retries
+  it, instead of recording a row without metrics."""
+  from configs import vtp_tiny
+  study = runner.Study(_cpu_config(), tmp_path)
+  cell = study.cells[0]
+  workdir = study.cell_dir(cell) / 'tokenizer'
+  workdir.mkdir(parents=True)
+  config = vtp_tiny.get_config()
+  (workdir / 'config.json').write_text(config.to_json())
+  (workdir / 'metrics.jsonl').write_text(json.dumps({'step': 600, 'loss': 1.0}) + '\n')
+  with pytest.raises(RuntimeError, match='end-of-run evaluation is not in its metrics.jsonl'):
+    study._stage_result(cell, 'tokenizer', '')
+  with open(workdir / 'metrics.jsonl', 'a') as f:
+    f.write(json.dumps({'step': 600, 'eval/linear_probe/n1/top1': 0.5}) + '\n')
+  result = study._stage_result(cell, 'tokenizer', '')
+  assert result['metrics'] == {'linear_probe/n1/top1': 0.5} and result['tokenizer_steps'] == 600
+  config.evals.at_end = False  # no evaluation asked for: an empty row is the right record
+  (workdir / 'config.json').write_text(config.to_json())
+  (workdir / 'metrics.jsonl').write_text(json.dumps({'step': 600, 'loss': 1.0}) + '\n')
+  assert study._stage_result(cell, 'tokenizer', '')['metrics'] == {}
+
+
 def test_pearson_matches_numpy_and_skips_missing_values():
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=9), rng.normal(size=9)

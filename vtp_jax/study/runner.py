@@ -59,6 +59,13 @@ def tokenizer_metrics(workdir: pathlib.Path) -> dict:
   return {k[len('eval/'):]: v for k, v in evals[-1].items() if k.startswith('eval/')}
 
 
+def evals_at_end(workdir: pathlib.Path) -> bool:
+  """Whether the tokenizer's saved config asks for end-of-run evaluations."""
+  from vtp_jax import checkpoint_io
+  evals = checkpoint_io.load_config(workdir).get('evals')
+  return bool(evals and evals.get('tasks') and evals.get('at_end'))
+
+
 def tokenizer_flops(workdir: pathlib.Path) -> dict:
   """Analytic training FLOPs of the tokenizer (train/flops.py per step x train.steps)."""
   from vtp_jax import checkpoint_io
@@ -161,8 +168,11 @@ class Study:
   def _stage_result(self, cell, stage, out: str) -> dict:
     cell_dir = self.cell_dir(cell)
     if stage == 'tokenizer':
-      return {'metrics': tokenizer_metrics(cell_dir / 'tokenizer'),
-              **tokenizer_flops(cell_dir / 'tokenizer')}
+      metrics = tokenizer_metrics(cell_dir / 'tokenizer')
+      if not metrics and evals_at_end(cell_dir / 'tokenizer'):
+        raise RuntimeError("the tokenizer's end-of-run evaluation is not in its metrics.jsonl "
+                           '(the next run of the study evaluates its last checkpoint)')
+      return {'metrics': metrics, **tokenizer_flops(cell_dir / 'tokenizer')}
     if stage == 'generation_eval':
       parsed = last_json_line(out)
       if not parsed or 'metrics' not in parsed:

@@ -216,6 +216,20 @@ def _default_evaluate(config, step_dir, step):
   return results
 
 
+def _eval_recorded(workdir, step: int, process_index: int, process_count: int) -> bool:
+  """Whether metrics.jsonl holds evaluation results at `step`; process 0 reads, all agree."""
+  recorded = False
+  if process_index == 0:
+    path = pathlib.Path(workdir) / 'metrics.jsonl'
+    rows = path.read_text().splitlines() if path.exists() else []
+    recorded = any(r.get('step') == step and any(k.startswith('eval/') for k in r)
+                   for r in map(json.loads, filter(str.strip, rows)))
+  if process_count > 1:
+    from jax.experimental import multihost_utils  # local: multi-process runs only
+    recorded = bool(multihost_utils.broadcast_one_to_all(np.asarray(recorded)))
+  return recorded
+
+
 def _evals_due(config, step: int, final: bool) -> bool:
   e = config.get('evals')
   if not e or not e.get('tasks'):
@@ -264,9 +278,21 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
       state = checkpoints.init_from(t.init_from, state, shardings, config)
   start = int(jax.device_get(state.step))
   if start >= int(t.steps):
-    logging.info('Step %d already reached train.steps=%d: nothing to do.', start, int(t.steps))
+    summary = {'start_step': start, 'step': start, 'preempted': False, 'last_checkpoint': latest}
+    if _evals_due(config, start, final=True) and not _eval_recorded(workdir, start, pi, pc):
+      # The run that reached the last step was stopped during its end-of-run evaluation (SIGTERM
+      # saves at a step boundary, and there is none left): evaluate the saved step now.
+      logging.info('Step %d reached train.steps=%d; its end-of-run evaluation is not in '
+                   'metrics.jsonl: evaluating it.', start, int(t.steps))
+      writer = metrics_lib.Writer(workdir, enabled=pi == 0)
+      results = (evaluate or _default_evaluate)(config, ckpts.root / str(start), start) or {}
+      writer.scalars(start, {f'eval/{k}': v for k, v in results.items()
+                             if isinstance(v, (int, float))})
+      writer.close()
+    else:
+      logging.info('Step %d already reached train.steps=%d: nothing to do.', start, int(t.steps))
     ckpts.close()
-    return {'start_step': start, 'step': start, 'preempted': False, 'last_checkpoint': latest}
+    return summary
   if pi == 0:
     from clu import parameter_overview  # local: start-up only
     logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
