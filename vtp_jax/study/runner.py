@@ -234,8 +234,8 @@ class Study:
         except ValueError as e:
           states[c.name] = f'failed: {e}'
           self.log(f'study: {c.name}: {e}')
-      pending = [c for c in self.cells if c.name not in states and
-                 not (self.cell_dir(c) / 'done' / f'{cells_lib.STAGES[-1]}.json').exists()]
+      pending = [c for c in self.cells if c.name not in states and not all(
+          (self.cell_dir(c) / 'done' / f'{s}.json').exists() for s in cells_lib.STAGES)]
       finished = [c for c in self.cells if c.name not in states and c not in pending]
       states.update({c.name: 'done' for c in finished})
       self.log(f'study: {len(self.cells)} cells, {len(finished)} finished, '
