@@ -51,26 +51,20 @@ def last_json_line(text: str):
 
 def tokenizer_metrics(workdir: pathlib.Path) -> dict:
   """The end-of-run evaluations the training loop appended to metrics.jsonl (last eval row)."""
-  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()
-          if line.strip()]
-  evals = [r for r in rows if any(k.startswith('eval/') for k in r)]
-  if not evals:
-    return {}
-  return {k[len('eval/'):]: v for k, v in evals[-1].items() if k.startswith('eval/')}
+  from vtp_jax.train import metrics as metrics_lib
+  evals = metrics_lib.evaluations(workdir)
+  return evals[-1][1] if evals else {}
 
 
-def evals_at_end(workdir: pathlib.Path) -> bool:
-  """Whether the tokenizer's saved config asks for end-of-run evaluations."""
-  from vtp_jax import checkpoint_io
-  evals = checkpoint_io.load_config(workdir).get('evals')
+def evals_at_end(config) -> bool:
+  """Whether a tokenizer config asks for end-of-run evaluations."""
+  evals = config.get('evals')
   return bool(evals and evals.get('tasks') and evals.get('at_end'))
 
 
-def tokenizer_flops(workdir: pathlib.Path) -> dict:
-  """Analytic training FLOPs of the tokenizer (train/flops.py per step x train.steps)."""
-  from vtp_jax import checkpoint_io
+def tokenizer_flops(config) -> dict:
+  """Analytic training FLOPs of a tokenizer config (train/flops.py per step x train.steps)."""
   from vtp_jax.train import flops as flops_lib
-  config = checkpoint_io.load_config(workdir)
   per_step = float(flops_lib.step_flops(config)['total'])
   steps = int(config.train.steps)
   return {'tokenizer_flops': per_step * steps, 'tokenizer_step_flops': per_step,
@@ -168,11 +162,13 @@ class Study:
   def _stage_result(self, cell, stage, out: str) -> dict:
     cell_dir = self.cell_dir(cell)
     if stage == 'tokenizer':
+      from vtp_jax import checkpoint_io
+      config = checkpoint_io.load_config(cell_dir / 'tokenizer')  # read once for both
       metrics = tokenizer_metrics(cell_dir / 'tokenizer')
-      if not metrics and evals_at_end(cell_dir / 'tokenizer'):
+      if not metrics and evals_at_end(config):
         raise RuntimeError("the tokenizer's end-of-run evaluation is not in its metrics.jsonl "
                            '(the next run of the study evaluates its last checkpoint)')
-      return {'metrics': metrics, **tokenizer_flops(cell_dir / 'tokenizer')}
+      return {'metrics': metrics, **tokenizer_flops(config)}
     if stage == 'generation_eval':
       parsed = last_json_line(out)
       if not parsed or 'metrics' not in parsed:

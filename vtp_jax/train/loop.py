@@ -220,14 +220,17 @@ def _eval_recorded(workdir, step: int, process_index: int, process_count: int) -
   """Whether metrics.jsonl holds evaluation results at `step`; process 0 reads, all agree."""
   recorded = False
   if process_index == 0:
-    path = pathlib.Path(workdir) / 'metrics.jsonl'
-    rows = path.read_text().splitlines() if path.exists() else []
-    recorded = any(r.get('step') == step and any(k.startswith('eval/') for k in r)
-                   for r in map(json.loads, filter(str.strip, rows)))
+    recorded = any(s == step for s, _ in metrics_lib.evaluations(workdir))
   if process_count > 1:
     from jax.experimental import multihost_utils  # local: multi-process runs only
     recorded = bool(multihost_utils.broadcast_one_to_all(np.asarray(recorded)))
   return recorded
+
+
+def _evaluate_and_record(evaluate, config, writer, step_dir, step: int) -> None:
+  """Runs the evals hook on a saved step and appends its numeric results to the metrics files."""
+  results = evaluate(config, step_dir, step) or {}
+  writer.scalars(step, {f'eval/{k}': v for k, v in results.items() if isinstance(v, (int, float))})
 
 
 def _evals_due(config, step: int, final: bool) -> bool:
@@ -285,9 +288,8 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
       logging.info('Step %d reached train.steps=%d; its end-of-run evaluation is not in '
                    'metrics.jsonl: evaluating it.', start, int(t.steps))
       writer = metrics_lib.Writer(workdir, enabled=pi == 0)
-      results = (evaluate or _default_evaluate)(config, ckpts.root / str(start), start) or {}
-      writer.scalars(start, {f'eval/{k}': v for k, v in results.items()
-                             if isinstance(v, (int, float))})
+      _evaluate_and_record(evaluate or _default_evaluate, config, writer, ckpts.root / str(start),
+                           start)
       writer.close()
     else:
       logging.info('Step %d already reached train.steps=%d: nothing to do.', start, int(t.steps))
@@ -378,9 +380,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
         save(step)
       if _evals_due(config, step, final):
         ckpts.wait()
-        results = evaluate(config, ckpts.root / str(step), step) or {}
-        writer.scalars(step, {f'eval/{k}': v for k, v in results.items()
-                              if isinstance(v, (int, float))})
+        _evaluate_and_record(evaluate, config, writer, ckpts.root / str(step), step)
     summary['step'] = step
     summary['last_checkpoint'] = last_saved
     return summary

@@ -75,6 +75,16 @@ class Accumulator:
     return {k: float(np.asarray(v)) for k, v in values.items()}
 
 
+def evaluations(workdir) -> list:
+  """The evaluation rows `Writer` appended to workdir/metrics.jsonl, in order: (step, {name:
+  value}) with the 'eval/' prefix removed; [] when there is no file yet."""
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  rows = [json.loads(line) for line in path.read_text().splitlines()
+          if line.strip()] if path.exists() else []
+  return [(r['step'], {k[len('eval/'):]: v for k, v in r.items() if k.startswith('eval/')})
+          for r in rows if any(k.startswith('eval/') for k in r)]
+
+
 class Writer:
   """metrics.jsonl + TensorBoard events (tensorboardX) in the workdir; process 0 only."""
 
