@@ -56,12 +56,6 @@ def tokenizer_metrics(workdir: pathlib.Path) -> dict:
   return evals[-1][1] if evals else {}
 
 
-def evals_at_end(config) -> bool:
-  """Whether a tokenizer config asks for end-of-run evaluations."""
-  evals = config.get('evals')
-  return bool(evals and evals.get('tasks') and evals.get('at_end'))
-
-
 def tokenizer_flops(config) -> dict:
   """Analytic training FLOPs of a tokenizer config (train/flops.py per step x train.steps)."""
   from vtp_jax.train import flops as flops_lib
@@ -164,8 +158,9 @@ class Study:
     if stage == 'tokenizer':
       from vtp_jax import checkpoint_io
       config = checkpoint_io.load_config(cell_dir / 'tokenizer')  # read once for both
+      from vtp_jax.train import metrics as metrics_lib
       metrics = tokenizer_metrics(cell_dir / 'tokenizer')
-      if not metrics and evals_at_end(config):
+      if not metrics and metrics_lib.evals_due(config, int(config.train.steps), final=True):
         raise RuntimeError("the tokenizer's end-of-run evaluation is not in its metrics.jsonl "
                            '(the next run of the study evaluates its last checkpoint)')
       return {'metrics': metrics, **tokenizer_flops(config)}

@@ -233,14 +233,6 @@ def _evaluate_and_record(evaluate, config, writer, step_dir, step: int) -> None:
   writer.scalars(step, {f'eval/{k}': v for k, v in results.items() if isinstance(v, (int, float))})
 
 
-def _evals_due(config, step: int, final: bool) -> bool:
-  e = config.get('evals')
-  if not e or not e.get('tasks'):
-    return False
-  every = int(e.get('every_steps', 0) or 0)
-  return bool((every and step % every == 0) or (final and e.get('at_end', False)))
-
-
 def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   """Trains to `train.steps` (or until SIGTERM), checkpointing into `workdir`; returns a summary.
 
@@ -282,7 +274,8 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   start = int(jax.device_get(state.step))
   if start >= int(t.steps):
     summary = {'start_step': start, 'step': start, 'preempted': False, 'last_checkpoint': latest}
-    if _evals_due(config, start, final=True) and not _eval_recorded(workdir, start, pi, pc):
+    if (metrics_lib.evals_due(config, start, final=True)
+        and not _eval_recorded(workdir, start, pi, pc)):
       # The run that reached the last step was stopped during its end-of-run evaluation (SIGTERM
       # saves at a step boundary, and there is none left): evaluate the saved step now.
       logging.info('Step %d reached train.steps=%d; its end-of-run evaluation is not in '
@@ -376,9 +369,9 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
 
       final = step == total
       if (step % int(t.checkpoint_every) == 0 or step == end or
-          _evals_due(config, step, final)):
+          metrics_lib.evals_due(config, step, final)):
         save(step)
-      if _evals_due(config, step, final):
+      if metrics_lib.evals_due(config, step, final):
         ckpts.wait()
         _evaluate_and_record(evaluate, config, writer, ckpts.root / str(step), step)
     summary['step'] = step

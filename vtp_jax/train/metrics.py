@@ -75,6 +75,16 @@ class Accumulator:
     return {k: float(np.asarray(v)) for k, v in values.items()}
 
 
+def evals_due(config, step: int, final: bool) -> bool:
+  """Whether the training loop evaluates at `step` (`final`: the run's last step): the schedule
+  of the evaluation rows `evaluations` reads back."""
+  e = config.get('evals')
+  if not e or not e.get('tasks'):
+    return False
+  every = int(e.get('every_steps', 0) or 0)
+  return bool((every and step % every == 0) or (final and e.get('at_end', False)))
+
+
 def evaluations(workdir) -> list:
   """The evaluation rows `Writer` appended to workdir/metrics.jsonl, in order: (step, {name:
   value}) with the 'eval/' prefix removed; [] when there is no file yet."""
