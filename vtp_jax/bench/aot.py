@@ -20,6 +20,12 @@ network share. `mfu_ceiling` = analytic (model) FLOPs per device / peak / the la
 MFU could at best be if the step ran at that bound. XLA's own `optimal_seconds` is printed for
 reference only: it is negative for this step on libtpu 0.0.42.
 
+`--breakdown` adds the roofline by model scope (`roofline.py`): FLOPs, HBM bytes, collectives,
+arithmetic intensity and bound per scope (each tower's forward and backward, the teacher, the
+DINO/iBOT head, the losses, LPIPS, the update), the top instructions by bytes, and every loop with
+its trip count, collective matmuls named. The compiler options the step is compiled with
+(`vtp_jax/compiler_options.py`) are the launcher's: both build the step through `train/step.py`.
+
 `--plan` compiles every candidate (mesh x remat policy x scanned or unrolled blocks) in separate
 processes, ranks them (fitting first, then by the largest bound) and ends with the command line of
 the best one. See docs/scaling.md for the tables this produced.
@@ -42,6 +48,8 @@ flags.DEFINE_string('plan_scan', 'true,false', 'scan_layers values to try')
 flags.DEFINE_string('plan_reports', '', "with --plan: every candidate's full report, as JSON, here")
 flags.DEFINE_integer('plan_workers', 0, 'compiles at once; 0: by host memory (12 GiB each)')
 flags.DEFINE_string('dump_hlo', '', 'write the optimised HLO text here')
+flags.DEFINE_bool('breakdown', False, 'add the roofline by model scope (bench/roofline.py) to the '
+                  'JSON and print its table to stderr')
 FLAGS = flags.FLAGS
 
 def main(argv):
@@ -62,7 +70,11 @@ def main(argv):
     sys.exit(2)
   from vtp_jax.bench import aot_compile
   report = aot_compile.compile_report(_CONFIG.value, target, devices, FLAGS.hbm_fraction,
-                                      FLAGS.dump_hlo)
+                                      FLAGS.dump_hlo, breakdown=FLAGS.breakdown)
+  if FLAGS.breakdown and 'breakdown' in report:
+    from vtp_jax.bench import roofline
+    print(roofline.table(report['breakdown'], report['breakdown']['hbm_scale_to_xla']),
+          file=sys.stderr)
   print(json.dumps(report, indent=1))
 
 

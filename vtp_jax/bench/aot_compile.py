@@ -86,11 +86,13 @@ def _report_without_executable(config, target, mesh, inputs, temporaries, error,
   }
 
 
-def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') -> dict:
+def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
+                   breakdown=False) -> dict:
   """Compiles the config's train step for `target` and returns the report (see the module doc)."""
   import jax
 
   from vtp_jax import batch as batch_lib
+  from vtp_jax import compiler_options
   from vtp_jax import sharding
   from vtp_jax.bench import hlo_stats
   from vtp_jax.bench import targets as targets_lib
@@ -168,6 +170,18 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
   if multi and chip.dcn_bytes_per_s:
     bounds['dcn'] = dcn_traffic / chip.dcn_bytes_per_s
   bound = max(bounds.values())
+  extra = {}
+  if breakdown:
+    from vtp_jax.bench import roofline
+    extra['breakdown'] = roofline.breakdown(hlo, chip.peak_flops, chip.hbm_bytes_per_s)
+    counted = extra['breakdown']['totals']['hbm_bytes']
+    # Scope bytes in XLA's units: the table's shares of the HBM bound.
+    scale = hbm_bytes / counted if counted else 1.0
+    extra['breakdown']['hbm_scale_to_xla'] = scale
+    for figures in extra['breakdown']['scopes'].values():
+      figures['hbm_bytes_xla_scaled'] = figures['hbm_bytes'] * scale
+      figures['hbm_s'] *= scale
+      figures['bound'] = 'hbm' if figures['hbm_s'] > figures['compute_s'] else 'compute'
   return {
       **_describe(config, target, mesh),
       'memory_per_device_gib': {'arguments': args / GIB, 'outputs': outs / GIB,
@@ -187,4 +201,6 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='') 
       'bound_step_s': bound,
       'mfu_ceiling': analytic / chip.peak_flops / bound if bound > 0 else None,
       'xla_optimal_seconds': cost.get('optimal_seconds'),
+      'compiler_options': compiler_options.for_mesh(mesh),
+      **extra,
   }

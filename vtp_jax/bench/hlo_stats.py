@@ -128,6 +128,14 @@ def _condition_bound(instructions) -> int | None:
   return None
 
 
+def trip_count(computations, while_line: str) -> int | None:
+  """Iterations of a while loop: XLA's `known_trip_count`, else a `counter < N` condition."""
+  if trip := _TRIP_COUNT.search(while_line):
+    return int(trip.group(1))
+  cond = _CONDITION.search(while_line)
+  return _condition_bound(computations.get(cond.group(1), ())) if cond else None
+
+
 def _multiplicities(computations, entry, count_iterations=True):
   """How many times each computation runs per execution of the entry, and the while loops whose
   trip count XLA did not record."""
@@ -145,15 +153,11 @@ def _multiplicities(computations, entry, count_iterations=True):
           continue
         times = 1
         if opcode == 'while' and attr == 'body' and count_iterations:
-          trip = _TRIP_COUNT.search(line)
-          cond = _CONDITION.search(line)
-          counted = _condition_bound(computations.get(cond.group(1), ())) if cond else None
-          if trip:
-            times = int(trip.group(1))
-          elif counted is not None:
-            times = counted
-          else:
+          trip = trip_count(computations, line)
+          if trip is None:
             unknown.append(name)
+          else:
+            times = trip
         for callee in re.findall(r'%([^\s,}]+)', target):
           runs[callee] += runs[name] * times
           if callee not in seen:
@@ -162,7 +166,35 @@ def _multiplicities(computations, entry, count_iterations=True):
   return runs, unknown
 
 
-def _num_partitions(hlo_text: str) -> int:
+def collective_of(comp: str, type_text: str, opcode: str, line: str,
+                  n_partitions: int) -> tuple[str, float, float] | None:
+  """(kind, logical bytes, ring traffic bytes) of one instruction, or None if it is no collective
+  (the counting rules of the module docstring)."""
+  base = opcode[:-len('-start')] if opcode.endswith('-start') else opcode
+  if base not in KINDS:
+    return None
+  arrays = array_bytes(type_text)
+  n = _group_size(line, n_partitions)
+  if base == 'all-gather':
+    size = arrays[-1] if opcode.endswith('-start') else sum(arrays)
+    return base, size, size * (n - 1) / n
+  if base == 'all-reduce' and comp.startswith('all-reduce-scatter'):
+    size = sum(arrays)
+    return 'reduce-scatter', size, size * (n - 1) / n
+  if base == 'all-reduce':
+    size = sum(arrays)  # all-reduce-start has its operands' shape, as all-reduce
+    return base, size, 2 * size * (n - 1) / n
+  if base == 'reduce-scatter':
+    size = sum(arrays) * n
+    return base, size, size * (n - 1) / n
+  if base == 'all-to-all':
+    size = sum(arrays)
+    return base, size, size * (n - 1) / n
+  # collective-permute(-start): (operand, result, contexts...) or the result alone
+  return base, arrays[0], arrays[0]
+
+
+def num_partitions(hlo_text: str) -> int:
   m = re.search(r'num_partitions=(\d+)', hlo_text)
   return int(m.group(1)) if m else 1
 
@@ -178,7 +210,7 @@ def collective_stats(hlo_text: str, partition_slices=None) -> dict:
   if entry is None:
     raise ValueError('no ENTRY computation in the HLO text; pass compiled.as_text().')
   runs, unknown = _multiplicities(computations, entry)
-  n_partitions = _num_partitions(hlo_text)
+  n_partitions = num_partitions(hlo_text)
   stats = {kind: {'count': 0, 'bytes': 0.0, 'traffic_bytes': 0.0} for kind in KINDS}
   dcn_traffic = 0.0
   for comp, instructions in computations.items():
@@ -186,29 +218,10 @@ def collective_stats(hlo_text: str, partition_slices=None) -> dict:
     if not times:
       continue
     for _, type_text, opcode, line in instructions:
-      base = opcode[:-len('-start')] if opcode.endswith('-start') else opcode
-      if base not in KINDS:
+      found = collective_of(comp, type_text, opcode, line, n_partitions)
+      if found is None:
         continue
-      arrays = array_bytes(type_text)
-      n = _group_size(line, n_partitions)
-      if base == 'all-gather':
-        size = arrays[-1] if opcode.endswith('-start') else sum(arrays)
-        kind, traffic = base, size * (n - 1) / n
-      elif base == 'all-reduce' and comp.startswith('all-reduce-scatter'):
-        size = sum(arrays)
-        kind, traffic = 'reduce-scatter', size * (n - 1) / n
-      elif base == 'all-reduce':
-        size = sum(arrays)  # all-reduce-start has its operands' shape, as all-reduce
-        kind, traffic = base, 2 * size * (n - 1) / n
-      elif base == 'reduce-scatter':
-        size = sum(arrays) * n
-        kind, traffic = base, size * (n - 1) / n
-      elif base == 'all-to-all':
-        size = sum(arrays)
-        kind, traffic = base, size * (n - 1) / n
-      else:  # collective-permute(-start): (operand, result, contexts...) or the result alone
-        size = arrays[0]
-        kind, traffic = base, size
+      kind, size, traffic = found
       if partition_slices is not None:
         group = _first_group(line)
         members = range(len(partition_slices)) if group is None else group
@@ -261,10 +274,20 @@ def _contraction_flops(line, opcode, out_elems, shapes) -> float:
     lhs_labels, kernel_labels = labels.groups()
     if len(lhs_labels) != len(lhs) or len(kernel_labels) != len(kernel):
       return 0.0
+    # A base-dilated convolution (`lhs_dilate`) is how TPU writes a batched matmul whose batch
+    # dims became spatial ones: the window of size w over an input dilated d times meets only
+    # ceil(w / d) real elements (1 when w == d), not w.
+    window = re.search(r'window=\{size=([0-9x]+)', line)
+    dilate = re.search(r'lhs_dilate=([0-9x]+)', line)
+    sizes = [int(x) for x in window.group(1).split('x')] if window else []
+    dilations = [int(x) for x in dilate.group(1).split('x')] if dilate else []
     macs = kernel[kernel_labels.index('i')]
     for dim, label in enumerate(kernel_labels):
-      if label.isdigit():
-        macs *= min(kernel[dim], lhs[lhs_labels.index(label)])
+      if label.isdigit():  # spatial dim number `label`, the window's entry of the same number
+        hits = min(kernel[dim], lhs[lhs_labels.index(label)])
+        if int(label) < min(len(sizes), len(dilations)):
+          hits = min(hits, -(-sizes[int(label)] // dilations[int(label)]))
+        macs *= hits
     return 2.0 * out_elems * macs
   lhs = shapes.get(operands[0])
   dims = re.search(r'lhs_contracting_dims=\{([0-9,]*)\}', line)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from vtp_jax import batch as batch_lib
+from vtp_jax import compiler_options
 from vtp_jax import losses
 from vtp_jax import pixels
 from vtp_jax import sharding
@@ -268,8 +269,11 @@ def jit_step(step, config, mesh, state_shardings):
       new_state, metrics = step(state, batch, frozen)
     return skip_nonfinite(state, new_state, metrics) if skip else (new_state, metrics)
 
+  # The platform's compiler options (vtp_jax/compiler_options.py), so every caller of the step
+  # (the launcher, bench.step, bench.aot) compiles the same program.
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+                   out_shardings=(state_shardings, replicated), donate_argnums=0,
+                   compiler_options=compiler_options.for_mesh(mesh) or None)
 
   def run(state, batch, frozen):
     with jax.set_mesh(mesh):
