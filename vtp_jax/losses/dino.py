@@ -10,12 +10,18 @@ Everything is written over the GLOBAL batch. DINOv2 all-reduces the center and t
 by hand and lets DDP average the per-rank losses; under `jax.jit` with the batch axis sharded, GSPMD
 inserts the same all-reduces for the global sums and means below. Teacher-side outputs are wrapped in
 `stop_gradient` (DINOv2 runs them under `torch.no_grad`). All maths is float32 whatever the input dtype.
+The student-side cross-entropies over the prototypes go through one fused custom VJP
+(soft_cross_entropy.py): row reductions forward, one elementwise pass backward, and the logits saved
+as given instead of float32 log-probabilities, because (rows, 65,536) float32 arrays are the step's
+largest.
 """
 
 import numbers
 
 import jax
 import jax.numpy as jnp
+
+from vtp_jax.losses.soft_cross_entropy import soft_cross_entropy
 
 
 def _f32(x) -> jax.Array:
@@ -156,8 +162,7 @@ def _expect_3d(name: str, x: jax.Array) -> None:
 
 def _cross_entropy(student_logits: jax.Array, teacher_probs: jax.Array, student_temp) -> jax.Array:
   """-mean_b sum_k t * log_softmax(s / student_temp): one DINOv2 `DINOLoss.forward` term."""
-  log_probs = jax.nn.log_softmax(_f32(student_logits) / student_temp, axis=-1)
-  return -jnp.mean(jnp.sum(teacher_probs * log_probs, axis=-1))
+  return jnp.mean(soft_cross_entropy(student_logits, teacher_probs, student_temp))
 
 
 def dino_loss(student_global_logits: jax.Array, student_local_logits: jax.Array | None,
@@ -255,11 +260,10 @@ def ibot_loss(student_patch_logits: jax.Array, teacher_patch_probs: jax.Array, w
                      'of global-crop images in the global batch, n_global * B).')
   weights = jax.lax.stop_gradient(_f32(weights))
   teacher = jax.lax.stop_gradient(_f32(teacher_patch_probs))
-  log_probs = jax.nn.log_softmax(_f32(student_patch_logits) / student_temp, axis=-1)
-  per_token = jnp.sum(teacher * log_probs, axis=-1)
+  per_token = soft_cross_entropy(student_patch_logits, teacher, student_temp)
   # Padding rows are excluded by `where` rather than trusted to be finite (0 * nan = nan).
   weighted = jnp.where(weights > 0, weights * per_token, 0.0)
-  return -jnp.sum(weighted) / n_global_images * global_crops_scale * ibot_loss_scale
+  return jnp.sum(weighted) / n_global_images * global_crops_scale * ibot_loss_scale
 
 
 # ----------------------------------------------------------------------------------------------------
