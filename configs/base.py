@@ -221,7 +221,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.precision.rope_dtype = 'bfloat16'  # 'bfloat16' reproduces the reference RoPE bit for bit [C]
   c.precision.scan_layers = False  # False: unrolled blocks, faster steps; True: nn.scan, compile time flat in depth
   c.precision.remat_policy = 'none'  # 'none', 'full', 'dots', 'dots_no_batch': what blocks keep for backward
-  c.precision.attention = 'xla'  # kernels/attention.py: 'xla' (ours), 'cpu' (C++ float32), 'cudnn' (GPU), 'splash' (TPU), 'jax' (jax.nn)
+  c.precision.attention = 'auto'  # kernels/attention.py: 'auto' (splash on TPU, cudnn on NVIDIA GPUs where they fit, else xla), 'xla' (ours), 'cpu' (C++ float32), 'cudnn', 'splash', 'jax' (jax.nn)
   c.precision.dense = 'xla'  # kernels/dense.py, blocks' linear layers: 'xla' (jnp) or 'cpu' (C++ float32 BLAS)
 
   c.mesh = ml_collections.ConfigDict()

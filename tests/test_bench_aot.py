@@ -85,6 +85,27 @@ def test_collectives_are_counted_per_execution_with_their_bytes():
   assert dcn == 6 * 3072 + 64 * 128 * 2 * 3 // 4
 
 
+def test_instructions_after_a_kernel_with_a_multiline_config_still_count():
+  """A Pallas kernel's backend_config may hold newlines, and a continuation line may start with
+  '}' (splash attention's does): the computation goes on to its closing line."""
+  kernel = ('  %k = bf16[256]{0} custom-call(%a), custom_call_target="tpu_custom_call", '
+            'backend_config={"custom_call_config": {"body": "x",\n"xprof_metadata":"{\\"block_q\\": '
+            '128\n}"\n}}, metadata={op_name="splash"}\n')
+  hlo = _HLO.replace('  %a = f32[256]{0} parameter(0)\n', '  %a = f32[256]{0} parameter(0)\n' + kernel)
+  assert hlo.count('\n}}, metadata') == 1
+  assert hlo_stats.collective_stats(hlo) == hlo_stats.collective_stats(_HLO)
+  assert hlo_stats.kernel_calls(hlo) == {'tpu_custom_call': 1}
+
+
+def test_kernel_calls_count_our_kernels_not_xla_bookkeeping():
+  hlo = """
+  %a = bf16[4,2,256,64]{3,2,1,0} custom-call(%q), custom_call_target="tpu_custom_call", backend_config="x"
+  %b = bf16[4,2,256,64]{3,2,1,0} custom-call(%q), custom_call_target="tpu_custom_call"
+  %c = (bf16[4,256,2,64], u8[0]) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"
+  %d = f32[8]{0} custom-call(), custom_call_target="AllocateBuffer"
+"""
+  assert hlo_stats.kernel_calls(hlo) == {'tpu_custom_call': 2, '__cudnn$fmhaSoftmax': 1}
+
 def _config(**mesh):
   """vtp_tiny without the LPIPS term: its frozen VGG16 is no part of the sharded train state, and
   its convolutions' backward is over a third of the TPU compile time on 2 cores."""

@@ -67,7 +67,7 @@ def _report_without_executable(config, target, mesh, inputs, temporaries, error,
   from vtp_jax import sharding
   from vtp_jax.train import flops as flops_lib
   args = sharding.abstract_bytes_per_device(inputs, jax.tree.map(lambda x: x.sharding, inputs))
-  analytic = flops_lib.step_flops(config)['total'] / mesh.devices.size
+  analytic = flops_lib.step_flops(config, mesh)['total'] / mesh.devices.size
   compute = analytic / target.chip.peak_flops
   return {
       **_describe(config, target, mesh),
@@ -144,7 +144,7 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
 
   n = mesh.devices.size
   chip = target.chip
-  analytic = flops_lib.step_flops(config)['total'] / n
+  analytic = flops_lib.step_flops(config, mesh)['total'] / n
   # XLA's cost analysis counts a loop body once; scanned blocks run it depth times. Its counts are
   # scaled by the ratio of the HLO's own FLOPs/bytes with and without loop iterations (1 unrolled).
   loops = hlo_stats.loop_aware_costs(hlo)
@@ -202,5 +202,8 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
       'mfu_ceiling': analytic / chip.peak_flops / bound if bound > 0 else None,
       'xla_optimal_seconds': cost.get('optimal_seconds'),
       'compiler_options': compiler_options.for_mesh(mesh),
+      # What precision.attention='auto' took shows here: splash as 'tpu_custom_call', cuDNN as
+      # '__cudnn$fmha...'; nothing for the xla kernel.
+      'kernel_calls': hlo_stats.kernel_calls(hlo),
       **extra,
   }

@@ -41,6 +41,7 @@ _EXPLICIT_GROUPS = re.compile(r'replica_groups=\{(\{[0-9,]*\})')
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _IOTA_GROUPS = re.compile(r'replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?')
 _PAIRS = re.compile(r'source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}')
+_CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
 
 def array_bytes(type_text: str) -> list[float]:
@@ -105,13 +106,18 @@ def _parse(hlo_text: str):
         if line.startswith('ENTRY'):
           entry = current
       continue
-    if line.startswith('}'):
+    if line.rstrip() == '}':
       current = None
       continue
     if m := _INSTRUCTION.match(line):
       type_text, tail = _split_type(m.group(2))
       opcode = tail.split('(', 1)[0].strip()
       computations[current].append((m.group(1), type_text, opcode, line))
+    elif computations[current]:
+      # A string attribute holding newlines (a Pallas kernel's backend_config, e.g. splash
+      # attention's block sizes) continues its instruction on the next lines.
+      name, type_text, opcode, text = computations[current][-1]
+      computations[current][-1] = (name, type_text, opcode, text + '\n' + line)
   return computations, entry
 
 
@@ -337,3 +343,14 @@ def _costs(computations, runs) -> dict:
       operands = _operand_names(line, opcode)
       bytes_accessed += times * (sizes[name] + sum(sizes.get(o, 0) for o in operands))
   return {'flops': flops, 'bytes_accessed': bytes_accessed}
+
+
+# Custom-call targets of kernels we choose (not XLA's own bookkeeping calls such as AllocateBuffer):
+# Pallas/Mosaic kernels on TPU (splash attention) and cuDNN's fused attention on GPU.
+KERNEL_CALL_PREFIXES = ('tpu_custom_call', '__cudnn$fmha')
+
+
+def kernel_calls(hlo_text: str) -> dict:
+  """{custom-call target: instructions in the optimised HLO} for the KERNEL_CALL_PREFIXES."""
+  targets = _CUSTOM_CALL_TARGET.findall(hlo_text)
+  return dict(collections.Counter(t for t in targets if t.startswith(KERNEL_CALL_PREFIXES)))

@@ -80,6 +80,7 @@ def main(argv):
 
   from vtp_jax import batch as batch_lib
   from vtp_jax.bench import common
+  from vtp_jax.bench import hlo_stats
   from vtp_jax.generation import is_generation
   from vtp_jax.models import layers
   from vtp_jax.train import flops as flops_lib
@@ -115,7 +116,7 @@ def main(argv):
   step_s = statistics.median(times)
   if measuring:
     peaks.append(timer(5))
-  analytic = flops_lib.step_flops(config)
+  analytic = flops_lib.step_flops(config, mesh)
   if measuring:
     # A shared machine's matmul rate drifts; the larger of the two keeps MFU conservative.
     peak = max(peaks)
@@ -156,6 +157,8 @@ def main(argv):
                                        for t, r in zip(times, rates_after_steps))
                      if rates_after_steps else None),
       'memory': _peak_memory(compiled),
+      # Which fused kernels the program holds: what precision.attention='auto' took.
+      'kernel_calls': hlo_stats.kernel_calls(compiled.as_text()),
       'final_loss': float(np.asarray(metrics['loss'])),
       'host_malloc': malloc_line,
       'jax': jax.__version__,

@@ -4,11 +4,54 @@
 'cudnn' asks for cuDNN's fused flash-attention kernel (NVIDIA GPUs, float16/bfloat16; jax raises
 where cuDNN cannot serve the call, e.g. on CPU or in float32); 'jax' lets the function pick its
 own XLA path, which runs anywhere and is the numerical reference the two share.
+
+`unsupported` states, for `precision.attention='auto'` (kernels/attention.py), which calls cuDNN
+takes, as jax 0.10's own checks do (jax/_src/cudnn/fused_attention_stablehlo.py: `check_layout`,
+`check_is_flash_attention`, and the partitioner's sharding rules), so that 'auto' never picks a
+call jax would refuse.
 """
 
 import jax
 
 IMPLEMENTATIONS = (None, 'xla', 'cudnn')
+DTYPES = ('bfloat16', 'float16')  # check_layout: Q must be fp16/bf16 (or fp8, which we never pass)
+HEAD_DIM_MULTIPLE = 8  # check_is_flash_attention: "head dim must be <= H_max and a multiple of 8"
+# H_max: 256 on Hopper (compute capability 9.0) and later, 128 before. jax reads the capability
+# from the default backend's first GPU, so a GPU program compiled on a CPU host (bench.aot) gets
+# 128 whatever the target.
+MAX_HEAD_DIM, MAX_HEAD_DIM_HOPPER = 128, 256
+# cuDNN's fused flash attention (fprop and bprop) runs on Ampere (8.0) and later (cuDNN developer
+# guide, "Fused Flash Attention"); jax does not check this itself, cuDNN fails when compiling.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def _capability(text: str | None) -> tuple[int, ...] | None:
+  return None if not text else tuple(int(x) for x in str(text).split('.'))
+
+
+def unsupported(*, head_dim: int, dtype: str, seq_sharded: bool, device_kind: str,
+                compute_capability: str | None = None) -> str | None:
+  """Why cuDNN's fused attention cannot take this call on a GPU, or None if it can.
+
+  Sequence length and causal masks need no check: without a bias jax's cuDNN path takes any
+  length (it checks even lengths only for a bias in training) and has a causal mask type.
+  """
+  if 'nvidia' not in device_kind.lower():
+    return f'{device_kind or "this GPU"} is not an NVIDIA GPU (cuDNN is NVIDIA-only)'
+  capability = _capability(compute_capability)
+  if capability is not None and capability < MIN_COMPUTE_CAPABILITY:
+    return (f'compute capability {compute_capability} is below the 8.0 (Ampere) that cuDNN '
+            'flash attention needs')
+  if dtype not in DTYPES:
+    return f'cuDNN attention takes float16/bfloat16, not {dtype}'
+  hopper = capability is not None and capability >= (9, 0)
+  limit = MAX_HEAD_DIM_HOPPER if hopper else MAX_HEAD_DIM
+  if head_dim % HEAD_DIM_MULTIPLE or head_dim > limit:
+    return (f'head dim {head_dim} is not a multiple of {HEAD_DIM_MULTIPLE} up to {limit}'
+            + ('' if hopper else '; jax allows 256 only when it compiles on a Hopper GPU'))
+  if seq_sharded:
+    return "the token axis is sharded (jax's cuDNN partitioner refuses a sharded sequence)"
+  return None
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,

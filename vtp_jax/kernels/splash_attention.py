@@ -14,7 +14,17 @@ refuses the kernel's bfloat16 matmuls ("Bad lhs type"). On TPU the kernel runs c
 `interpret=True` runs the same kernel through Pallas's interpreter on any platform, which is how the
 tests check it against the XLA kernel on CPU. Under a mesh the call is a shard_map over batch and
 heads as the logical axis rules shard them (splash is per head, and GSPMD does not partition a
-Pallas call).
+Pallas call). The token axis must not be sharded: each device would attend within its slice of
+the tokens only, so that raises.
+
+`unsupported` states which calls the kernel takes, for `precision.attention='auto'`
+(kernels/attention.py): the head dim rule above; float32 or bfloat16 (Mosaic refuses float16
+loads on v5e, "Invalid vector type for load"); for bfloat16, a default matmul precision of None,
+'default' or 'bfloat16' (with 'highest' / 'float32' Mosaic fails with "Bad lhs type", with 'high' /
+'tensorfloat32' "Unsupported dot precision: HIGH"); an unsharded token axis. These were found by
+compiling this module for a v5e 2x2 topology with jax 0.10.2 / libtpu 0.0.42. Any token count is
+taken (padded as above). The 64 rule is this module's, stricter than Mosaic's: Mosaic also
+compiled head dims 32, 80, 96 and 192 there, each padded to 128 lanes, which wastes MXU width.
 """
 
 import functools
@@ -31,6 +41,9 @@ OPTION = 'precision.attention'
 BLOCK = 128  # splash's block sizes must be multiples of the TPU lane width, 128
 HEAD_DIM_MULTIPLE = 64
 LOGICAL_AXES = ('act_batch', 'act_heads', 'act_seq', None)
+DTYPES = ('float32', 'bfloat16')
+# jax_default_matmul_precision values under which Mosaic compiles the kernel's bfloat16 matmuls.
+BF16_PRECISIONS = (None, 'default', 'bfloat16')
 
 
 def padded_length(tokens: int) -> int:
@@ -48,6 +61,21 @@ def _kernel(heads: int, length: int, causal: bool, interpret: bool):
                              block_q_dq=BLOCK, block_kv_dq=BLOCK)
   return splash.make_splash_mha_single_device(
       splash.MultiHeadMask([mask] * heads), block_sizes=blocks, interpret=interpret)
+
+
+def unsupported(*, head_dim: int, dtype: str, seq_sharded: bool,
+                matmul_precision: str | None = None) -> str | None:
+  """Why this module cannot run a (heads, tokens, head_dim) call on TPU, or None if it can."""
+  if head_dim % HEAD_DIM_MULTIPLE:
+    return f'head dim {head_dim} is not a multiple of {HEAD_DIM_MULTIPLE}'
+  if dtype not in DTYPES:
+    return f'splash takes float32/bfloat16, not {dtype}'
+  if dtype != 'float32' and matmul_precision not in BF16_PRECISIONS:
+    return (f'jax_default_matmul_precision={matmul_precision!r}, under which Mosaic refuses '
+            f'{dtype} matmuls')
+  if seq_sharded:
+    return 'the token axis is sharded (splash is shard_mapped over batch and heads only)'
+  return None
 
 
 def check_shape(q: jax.Array) -> None:
@@ -87,6 +115,10 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = F
   if mesh.empty or mesh.size == 1:
     return _local(q, k, v, causal, interpret)
   spec = sharding.fit_spec(P(*nn.logical_to_mesh_axes(LOGICAL_AXES)), q.shape, mesh)
+  if spec[2] is not None:
+    raise ValueError(f"{OPTION}='splash' needs whole sequences on each device, but the logical "
+                     f"axis rules shard 'act_seq' (tokens) over {spec[2]!r}; map 'act_seq' to "
+                     f"None in mesh.rules or use {OPTION}='xla'.")
   local = jax.shard_map(lambda a, b, c: _local(a, b, c, causal, interpret), mesh=mesh,
                         in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
   return local(q, k, v)

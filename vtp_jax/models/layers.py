@@ -261,7 +261,10 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, sin=None, cos=None):
     s, dtype = self.spec, dtype_of(self.spec.dtype)
-    heads_first = attention_backends.heads_first(s.attention)
+    # 'auto' resolves here, at trace time: the layout the projections write depends on the choice.
+    backend = attention_backends.choose(s.attention, tokens=x.shape[1], head_dim=s.head_dim,
+                                        dtype=dtype, causal=s.causal)
+    heads_first = attention_backends.heads_first(backend)
     qkv = DenseND((3, s.heads, s.head_dim), 1, ('embed', 'qkv', 'heads', 'head_dim'),
                   ('qkv', 'heads', 'head_dim') if s.qkv_bias else None, dtype,
                   s.init_for('qkv'), name='qkv', impl=s.dense,
@@ -279,7 +282,7 @@ class Attention(nn.Module):
     names = (('act_batch', 'act_heads', 'act_seq', None) if heads_first
              else ('act_batch', 'act_seq', 'act_heads', None))
     q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
-    out = attention_backends.softmax_attention(q, k, v, causal=s.causal, backend=s.attention)
+    out = attention_backends.softmax_attention(q, k, v, causal=s.causal, backend=backend)
     out = nn.with_logical_constraint(out, names)
     return DenseND((s.width,), 2, ('heads', 'head_dim', 'embed'), ('embed',), dtype,
                    s.init_for('proj'), name='proj', impl=s.dense,
