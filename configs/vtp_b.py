@@ -6,4 +6,8 @@ from configs import base
 
 
 def get_config():
-  return base.get_config()
+  c = base.get_config()
+  # The pod plan (docs/scaling.md, 'Shipped configs'): FSDP over every device, blocks recomputed.
+  c.mesh.update(data=1, fsdp=-1)
+  c.precision.remat_policy = 'full'
+  return c

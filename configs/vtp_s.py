@@ -7,4 +7,7 @@ def get_config():
   c = base.get_config()
   c.model.encoder.update(width=384, depth=12, heads=6)
   c.model.decoder.update(width=384, depth=12, heads=6)
+  # The pod plan (docs/scaling.md, 'Shipped configs'): FSDP over every device, blocks recomputed.
+  c.mesh.update(data=1, fsdp=-1)
+  c.precision.remat_policy = 'full'
   return c

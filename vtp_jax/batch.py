@@ -46,16 +46,40 @@ def patches_per_global_crop(config) -> int:
   return side * side
 
 
-def ibot_buffer_size(config) -> int:
-  """Static size of the masked-token buffer: DINOv2's `upperbound`.
+def ibot_groups(config, mesh) -> int:
+  """How many groups the step's iBOT masked-token buffer is split into: one per batch shard of
+  the mesh (the product of its ('data', 'fsdp') sizes), so each device gathers its own masked
+  patches and no patch token crosses a chip (docs/scaling.md, 'The iBOT buffer per device')."""
+  shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  _, b_ssl, _ = sub_batch_sizes(config)
+  return math.gcd(shards, b_ssl) if b_ssl else 1
 
-  The pipeline masks exactly int(n * mask_probability) of the n = 2 B_ssl global crops, each with
-  at most int(N * mask_ratio_max) patches, so this many masked tokens can exist at most.
+
+def ibot_buffer_size(config, groups: int = 1) -> int:
+  """Static size of each group's masked-token buffer: DINOv2's `upperbound`, per group.
+
+  Masks are collated per device (`mask_collate_samples`, as DINOv2 collates per rank), so the
+  n_g = 2 B_ssl / groups global crops of a group mask at most int(n_g * mask_probability) images,
+  each with at most int(N * mask_ratio_max) patches: this many masked tokens a group at most. A
+  sum of floors never exceeds the floor of the sum, so finer collation than the groups is safe.
   """
   _, b_ssl, _ = sub_batch_sizes(config)
-  n_images = N_GLOBAL_CROPS * b_ssl
+  if groups < 1 or (b_ssl and b_ssl % groups):
+    raise ValueError(f'{groups} iBOT buffer groups do not split the SSL sub-batch of {b_ssl}.')
+  n_images = N_GLOBAL_CROPS * b_ssl // groups
   n_masked_images = int(n_images * config.data.mask_probability)
   return max(n_masked_images * int(patches_per_global_crop(config) * config.data.mask_ratio_max), 1)
+
+
+def mask_collate_samples(config, n_devices: int, n_local: int) -> int:
+  """How many of a host's `n_local` SSL samples each mask collation covers: the SSL rows of one
+  device of an `n_devices` run (never more than the host holds). Collations nest inside every
+  device group of any mesh over those devices, which is what bounds `ibot_buffer_size` per group."""
+  _, b_ssl, _ = sub_batch_sizes(config)
+  if not b_ssl or not n_local:
+    return max(n_local, 1)
+  per_device = b_ssl // math.gcd(n_devices, b_ssl)
+  return math.gcd(per_device, n_local)
 
 
 def active_branches(config) -> tuple[str, ...]:
@@ -126,10 +150,12 @@ def check_divisible(config, mesh) -> None:
                        "('data', 'fsdp') mesh axes; change the batch size or mesh.")
 
 
-def synthetic_batch(config, seed: int = 0) -> dict:
-  """A random batch of the right shapes; masks follow the buffer bound (DINOv2-style counts)."""
+def synthetic_batch(config, seed: int = 0, n_devices: int | None = None) -> dict:
+  """A random batch of the right shapes; masks collated per device of an `n_devices` run
+  (default: every device JAX sees), so they fit each device's iBOT buffer."""
   if is_generation(config):
     return gen_batch.synthetic_batch(config, seed)
+  n_devices = jax.device_count() if n_devices is None else n_devices
   rng = np.random.default_rng(seed)
   out = {}
   for branch, fields in batch_shapes(config).items():
@@ -145,13 +171,23 @@ def synthetic_batch(config, seed: int = 0) -> dict:
           tokens[row, length - 1] = 49407
           tokens[row, length:] = 0
         out[branch][field] = tokens
-      else:  # iBOT masks: int(n * prob) images masked, each at a ratio within the range.
-        b_ssl, n_crops, n_patches = shape
-        mask = np.zeros((b_ssl * n_crops, n_patches), bool)
-        n_masked = int(n_crops * b_ssl * config.data.mask_probability)
-        for image in rng.permutation(b_ssl * n_crops)[:n_masked]:
-          ratio = rng.uniform(config.data.mask_ratio_min, config.data.mask_ratio_max)
-          count = max(int(n_patches * ratio), 1)
-          mask[image, rng.permutation(n_patches)[:count]] = True
-        out[branch][field] = mask.reshape(shape)
+      else:
+        out[branch][field] = _synthetic_masks(config, shape, rng, n_devices)
   return out
+
+
+def _synthetic_masks(config, shape, rng, n_devices):
+  """iBOT masks collated per device like the pipeline's: in each collation of n images,
+  int(n * prob) are masked, each at a ratio within the range (scattered patches, not blocks)."""
+  b_ssl, n_crops, n_patches = shape
+  per = mask_collate_samples(config, n_devices, b_ssl)
+  r_max = config.data.mask_ratio_max
+  masks = []
+  for _ in range(b_ssl // per):
+    mask = np.zeros((per * n_crops, n_patches), bool)
+    for image in rng.permutation(per * n_crops)[:int(n_crops * per * config.data.mask_probability)]:
+      ratio = rng.uniform(config.data.mask_ratio_min, r_max)
+      count = min(max(int(n_patches * ratio), 1), int(n_patches * r_max))
+      mask[image, rng.permutation(n_patches)[:count]] = True
+    masks.append(mask)
+  return np.concatenate(masks).reshape(shape)

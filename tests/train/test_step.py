@@ -54,8 +54,14 @@ def test_sharded_step_equals_single_device_step_and_teacher_is_exact_ema():
   _, after_8, hist_8 = _run(config, _mesh(2, 2, 2), 2, batch, check_abstract=True)
   for key in ('loss', 'clip', 'dino', 'ibot', 'koleo', 'l1'):
     np.testing.assert_allclose(hist_8[-1][key], hist_1[-1][key], rtol=2e-5, err_msg=key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
-               after_8.params, after_1.params)
+  # Adam moves every element by about lr whatever its gradient's size, so an element whose gradient
+  # is float32 noise (summed in another order on 8 devices) may move either way: the absolute
+  # tolerance is 2% of the tensor's largest step-2 update (at least 2e-6).
+  def close(a, b, b_before):
+    step_size = np.abs(b - b_before).max()
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=max(2e-6, 2e-2 * step_size))
+
+  jax.tree.map(close, after_8.params, after_1.params, before_1.params)
   # Teacher after step 2 = m * teacher_before + (1 - m) * student_after, with m at step 1.
   m = np.float32(hist_1[-1]['teacher_momentum'])
   one_minus_m = np.float32(1) - m

@@ -6,11 +6,12 @@ and at which ratio (DINOv2's `collate_data_and_cast`), returning the bool (Bs, 2
 batch contract (vtp_jax/batch.py). Every draw comes from a numpy Generator, so masks are a pure
 function of the seed the pipeline derives for the batch.
 
-Why the static iBOT buffer (`vtp_jax.batch.ibot_buffer_size`) always holds a host's masks: a host
-with n local global-crop images masks int(n * p) of them, each with at most int(N * ratio_max)
-patches (the generator never overshoots its target). Summed over P hosts that is
-P * int(n * p) * int(N * ratio_max) <= int(P * n * p) * int(N * ratio_max), the buffer size,
-because a sum of floors never exceeds the floor of the sum.
+Why the static iBOT buffer of a device group (`vtp_jax.batch.ibot_buffer_size`) always holds its
+masks: the pipeline collates per device, and a collation of n global-crop images masks int(n * p)
+of them, each with at most int(N * ratio_max) patches (the generator never overshoots its target).
+Summed over the k collations of a group that is k * int(n * p) * int(N * ratio_max) <=
+int(k * n * p) * int(N * ratio_max), the group's buffer size, because a sum of floors never
+exceeds the floor of the sum.
 """
 
 import math
@@ -127,13 +128,20 @@ def collate_masks(n_samples: int, n_crops: int, generator: MaskingGenerator,
   return masks.reshape(n_samples, n_crops, n_patches)
 
 
-def ssl_masks(config, n_samples: int, rng: np.random.Generator) -> np.ndarray:
-  """Masks for a host-local SSL sub-batch of `n_samples` images (2 global crops each)."""
+def ssl_masks(config, n_samples: int, rng: np.random.Generator,
+              collate_samples: int | None = None) -> np.ndarray:
+  """Masks for a host-local SSL sub-batch of `n_samples` images (2 global crops each), collated
+  in consecutive runs of `collate_samples` samples (default: all at once). The pipeline collates
+  per device (`vtp_jax.batch.mask_collate_samples`), as DINOv2 collates per rank."""
   d = config.data
   if not 0 <= d.mask_ratio_min <= d.mask_ratio_max <= 1:
     raise ValueError(f'data.mask_ratio_min={d.mask_ratio_min}, data.mask_ratio_max='
                      f'{d.mask_ratio_max}: need 0 <= min <= max <= 1.')
   if not 0 <= d.mask_probability <= 1:
     raise ValueError(f'data.mask_probability={d.mask_probability} must lie in [0, 1].')
-  return collate_masks(n_samples, N_GLOBAL_CROPS, generator_from_config(config),
-                       d.mask_probability, d.mask_ratio_min, d.mask_ratio_max, rng)
+  per = math.gcd(collate_samples or n_samples, n_samples) or 1
+  generator = generator_from_config(config)
+  return np.concatenate(
+      [collate_masks(per, N_GLOBAL_CROPS, generator, d.mask_probability, d.mask_ratio_min,
+                     d.mask_ratio_max, rng) for _ in range(max(n_samples // per, 1))]
+  )[:n_samples]

@@ -44,7 +44,7 @@ def _rng(seed: int, tag: int, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, tag, index])
 
 
-def _build_batch(records, config, seed, b_ssl, b_rec, with_keys) -> dict:
+def _build_batch(records, config, seed, b_ssl, b_rec, with_keys, mask_collate) -> dict:
   """Views, tokens and masks of one host-local batch of decoded records."""
   n = len(records)
   active = batch_lib.active_branches(config)
@@ -68,7 +68,7 @@ def _build_batch(records, config, seed, b_ssl, b_rec, with_keys) -> dict:
         'global': _stack([c[0] for c in crops], (0, 2, d.global_crop_size, d.global_crop_size, 3)),
         'local': _stack([c[1] for c in crops],
                         (0, d.n_local_crops, d.local_crop_size, d.local_crop_size, 3)),
-        'mask': masking.ssl_masks(config, len(ssl_rows), batch_rng)}
+        'mask': masking.ssl_masks(config, len(ssl_rows), batch_rng, mask_collate)}
   if 'rec' in active:
     out['rec'] = {'image': _stack([views.rec_view(images[i], config,
                                                   _rng(seed, _REC, records[i]['index']))
@@ -88,8 +88,10 @@ def _stack(arrays, empty_shape):
 class _ViewsBatchIterator(grain.DatasetIterator):
   """Pulls decoded records, drops and counts skip markers, and emits one batch per call."""
 
-  def __init__(self, parent, config, seed, sizes, drop_remainder, with_keys, source_len):
+  def __init__(self, parent, config, seed, sizes, drop_remainder, with_keys, source_len,
+               mask_collate):
     super().__init__(parent)
+    self._mask_collate = mask_collate
     self._source_len = source_len
     self._config = config
     self._seed = seed
@@ -131,7 +133,8 @@ class _ViewsBatchIterator(grain.DatasetIterator):
       frac = len(records) / self._b
       out = _build_batch(records, self._config, self._seed,
                          min(self._b_ssl, int(round(self._b_ssl * frac))),
-                         min(self._b_rec, int(round(self._b_rec * frac))), self._with_keys)
+                         min(self._b_rec, int(round(self._b_rec * frac))), self._with_keys,
+                         self._mask_collate)
     else:
       out = {'labels': np.zeros((0,), np.int32)}
       if self._with_keys:
@@ -155,9 +158,9 @@ class ViewsBatchIterDataset(grain.IterDataset):
   """Host-local batching with the three views (see the module docstring)."""
 
   def __init__(self, parent, config, seed, sizes, drop_remainder=True, with_keys=False,
-               source_len=2**62):
+               source_len=2**62, mask_collate=None):
     super().__init__(parent)
-    self._args = (config, seed, sizes, drop_remainder, with_keys, source_len)
+    self._args = (config, seed, sizes, drop_remainder, with_keys, source_len, mask_collate)
 
   def __iter__(self):
     return _ViewsBatchIterator(self._parent.__iter__(), *self._args)
@@ -197,7 +200,8 @@ def check_config(config) -> None:
 
 
 def make_dataset(config, *, process_index=None, process_count=None, epoch_seed=None,
-                 source=None, drop_remainder=True, with_keys=False) -> grain.IterDataset:
+                 source=None, drop_remainder=True, with_keys=False,
+                 n_devices=None) -> grain.IterDataset:
   """The Grain IterDataset behind make_iterator (see it for the arguments)."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -218,7 +222,12 @@ def make_dataset(config, *, process_index=None, process_count=None, epoch_seed=N
   ds = ds[process_index::process_count]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads,
                                             prefetch_buffer_size=d.read_buffer_size))
-  ds = ViewsBatchIterDataset(ds, config, seed, sizes, drop_remainder, with_keys, len(source))
+  # iBOT masks are collated per device (vtp_jax/batch.py, ibot_buffer_size), resolved here in the
+  # main process: workers never start JAX.
+  n_devices = jax.device_count() if n_devices is None else n_devices
+  mask_collate = batch_lib.mask_collate_samples(config, n_devices, sizes[1])
+  ds = ViewsBatchIterDataset(ds, config, seed, sizes, drop_remainder, with_keys, len(source),
+                             mask_collate)
   if d.worker_count > 0:
     # Grain reads absl flags when it starts workers; outside an absl app (tests, notebooks) they
     # are unparsed and reading them raises, so take the defaults.
@@ -230,7 +239,8 @@ def make_dataset(config, *, process_index=None, process_count=None, epoch_seed=N
 
 
 def make_iterator(config, *, process_index=None, process_count=None, epoch_seed=None,
-                  source=None, drop_remainder=True, with_keys=False) -> grain.DatasetIterator:
+                  source=None, drop_remainder=True, with_keys=False,
+                  n_devices=None) -> grain.DatasetIterator:
   """A checkpointable iterator of host-local batches (INTERFACES.md).
 
   Args:
@@ -242,7 +252,9 @@ def make_iterator(config, *, process_index=None, process_count=None, epoch_seed=
       hold no records at all, only the skips met after the last full batch.
     with_keys: add 'keys' and 'captions' of the batch's records and 'skipped_keys' ((key, reason)
       pairs), for inspection; vtp_jax.data.device.to_global drops them.
+    n_devices: devices of the run, for the per-device iBOT mask collation; default
+      jax.device_count().
   """
   return iter(make_dataset(config, process_index=process_index, process_count=process_count,
                            epoch_seed=epoch_seed, source=source, drop_remainder=drop_remainder,
-                           with_keys=with_keys))
+                           with_keys=with_keys, n_devices=n_devices))

@@ -133,20 +133,27 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array, dtype: str,
                token_axis: int = 1) -> jax.Array:
   """Rotates the last len(sin) tokens of x (tokens on `token_axis`, head_dim last: (B, N, heads,
   head_dim) by default, (B, heads, N, head_dim) with token_axis=2); earlier (prefix) tokens pass.
-
   In 'bfloat16' mode the whole of x (prefix included) round-trips through bfloat16, and every
   multiply and add is rounded to bfloat16, as the reference does; XLA would otherwise keep excess
   precision inside the fused elementwise chain.
+
+  The prefix tokens (CLS, registers) get table rows cos = 1, sin = 0, which leave them as they are
+  (x * 1 + rotate_half(x) * 0 = x), so the rotation is one elementwise pass over every token:
+  splitting the prefix off and concatenating it back made XLA write each piece out in float32.
   """
   r = _round_jnp(dtype)
   out_dtype = x.dtype
-  xf = r(x.astype(jnp.float32))
   n_prefix = x.shape[token_axis] - sin.shape[0]
-  prefix, patches = jnp.split(xf, [n_prefix], axis=token_axis)
+  if n_prefix:
+    sin = jnp.concatenate([jnp.zeros((n_prefix,) + sin.shape[1:], sin.dtype), sin])
+    cos = jnp.concatenate([jnp.ones((n_prefix,) + cos.shape[1:], cos.dtype), cos])
   # (tokens, head_dim) tables broadcast against x: singleton axes everywhere else.
   table_shape = [1] * x.ndim
   table_shape[token_axis], table_shape[-1] = sin.shape
   sin = sin.reshape(table_shape).astype(jnp.float32)
   cos = cos.reshape(table_shape).astype(jnp.float32)
-  rotated = r(r(patches * cos) + r(_rotate_half(patches) * sin))
-  return jnp.concatenate([prefix, rotated], axis=token_axis).astype(out_dtype)
+  # Rotating the halves is exact in any dtype, so it runs on x as given (bfloat16 in training) and
+  # only the products go through float32: rotating a float32 copy made XLA write that copy out.
+  def f32(v):
+    return r(v.astype(jnp.float32))
+  return r(r(f32(x) * cos) + r(f32(_rotate_half(x)) * sin)).astype(out_dtype)

@@ -91,10 +91,11 @@ def gan_stage_flops(config) -> dict:
   return {'rec': rec, 'disc': disc, 'total': rec + disc}
 
 
-def step_flops(config) -> dict:
+def step_flops(config, mesh=None) -> dict:
   """{'clip', 'ssl', 'rec', 'total'}: analytic FLOPs of one step over the global batch
   ({'rec', 'disc', 'total'} under `config.gan.enabled`; {'dit', 'total'} for
-  config.task='generation', generation/flops.py)."""
+  config.task='generation', generation/flops.py). With the step's mesh, the DINO head counts the
+  iBOT buffer rows that mesh's per-device buffers hold (a few fewer than one global buffer)."""
   if config.get('task', 'tokenizer') == 'generation':
     return gen_flops.step_flops(config)
   if config.get('gan', {}).get('enabled', False):
@@ -110,7 +111,8 @@ def step_flops(config) -> dict:
   if 'ssl' in branches:
     n_global = batch_lib.N_GLOBAL_CROPS * b_ssl
     n_local = d.n_local_crops * b_ssl
-    buffer = batch_lib.ibot_buffer_size(config)
+    groups = batch_lib.ibot_groups(config, mesh) if mesh is not None else 1
+    buffer = groups * batch_lib.ibot_buffer_size(config, groups)
     student = (n_global * encoder_forward(config, d.global_crop_size) +
                n_local * encoder_forward(config, d.local_crop_size) +
                dino_head_forward(config, n_global + n_local + buffer))

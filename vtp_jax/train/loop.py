@@ -301,7 +301,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   preemption = checkpoints.Preemption()
   acc, skips = metrics_lib.Accumulator(), metrics_lib.SkipCounter()
   writer = metrics_lib.Writer(workdir, enabled=pi == 0)
-  step_flops = flops_lib.step_flops(config)['total']
+  step_flops = flops_lib.step_flops(config, mesh)['total']
   reconstruct = grid_images = None
   total, step, last_saved = int(t.steps), start, latest
   # This invocation may stop early (train.stop_after_steps, e.g. a job time limit); it saves there.

@@ -10,6 +10,7 @@ reconstruction-only baseline and the two-loss ablations compile to smaller progr
 """
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -38,30 +39,69 @@ def _merge_crops(x):
   return x.reshape((-1,) + x.shape[2:])
 
 
-def _masked_token_buffer(mask, size):
-  """Indices of the masked patches in a fixed-size buffer, their validity, and iBOT weights.
+class MaskedBuffer(NamedTuple):
+  """The masked global-crop patches of each device group, shared by teacher and student.
 
-  mask (n_images, n_patches) -> idx (size,) into the flattened (n_images * n_patches) tokens,
-  valid (size,) bool, weights (size,) = 1 / (masked patches of the token's image), 0 for padding.
-  """
-  n_images, n_patches = mask.shape
-  flat = mask.reshape(-1)
-  idx = jnp.nonzero(flat, size=size, fill_value=0)[0]
-  valid = jnp.arange(size) < jnp.sum(flat)
-  per_image = jnp.sum(mask, axis=1).astype(jnp.float32)
-  weights = jnp.where(valid, 1.0 / jnp.maximum(per_image[idx // n_patches], 1.0), 0.0)
-  return idx, valid, weights
+  idx (G, size) into a group's flattened (images * patches) tokens; valid (G, size) bool;
+  weights (G, size) = 1 / (masked patches of the token's image), 0 for padding; dropped, the
+  masked tokens beyond a group's buffer (0 whenever masks are collated per device)."""
+  idx: jax.Array
+  valid: jax.Array
+  weights: jax.Array
+  dropped: jax.Array
+
+
+def _by_group(x, groups):
+  """(rows, ...) -> (groups, rows / groups, ...), axis 0 on the batch shards: group g is the rows
+  of device g, so what follows per group stays on its device."""
+  x = x.reshape((groups, -1) + x.shape[1:])
+  if groups == 1:
+    return x
+  return nn.with_logical_constraint(x, ('act_batch',) + (None,) * (x.ndim - 1))
+
+
+def _masked_token_buffer(mask, size, groups):
+  """The MaskedBuffer of mask (n_images, n_patches), `size` tokens for each of `groups` groups."""
+  n_patches = mask.shape[1]
+  flat = _by_group(mask, groups).reshape(groups, -1)
+  idx = jax.vmap(lambda row: jnp.nonzero(row, size=size, fill_value=0)[0])(flat)
+  count = jnp.sum(flat, axis=1, dtype=jnp.int32)
+  valid = jnp.arange(size)[None, :] < count[:, None]
+  per_image = _by_group(jnp.sum(mask, axis=1).astype(jnp.float32), groups)
+  token_image = jnp.take_along_axis(per_image, idx // n_patches, axis=1)
+  weights = jnp.where(valid, 1.0 / jnp.maximum(token_image, 1.0), 0.0)
+  return MaskedBuffer(idx, valid, weights, jnp.sum(jnp.maximum(count - size, 0)))
+
+
+def _gather_buffer(patches, idx, groups):
+  """(images, patches, D) tokens -> (G, size, D): each group gathers its own masked tokens."""
+  tokens = _by_group(patches, groups).reshape(groups, -1, patches.shape[-1])
+  return jnp.take_along_axis(tokens, idx[..., None], axis=1)
+
+
+def _head_per_group(apply_head, parts, groups):
+  """The shared DINO/iBOT head over several token sets in one call, concatenated per device group
+  (never across devices), and its logits split back into the sets' (rows, K) layouts.
+
+  parts: arrays (rows_i, D) with rows grouped like the batch, or (G, rows_i / G, D) already."""
+  grouped = [p if p.ndim == 3 else _by_group(p, groups) for p in parts]
+  widths = [p.shape[1] for p in grouped]
+  tokens = jnp.concatenate(grouped, axis=1)
+  logits = apply_head(tokens.reshape(-1, tokens.shape[-1])).reshape(groups, sum(widths), -1)
+  bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+  return [logits[:, a:b].reshape(-1, logits.shape[-1]) for a, b in zip(bounds, bounds[1:])]
 
 
 class _Step:
   """Holds the static pieces (model, optimizer, schedules, config) the step closes over."""
 
-  def __init__(self, config, tx):
+  def __init__(self, config, tx, ibot_groups=1):
     self.config = config
     self.model = vtp.build(config)
     self.tx = tx
     self.branches = batch_lib.active_branches(config)
-    self.buffer_size = batch_lib.ibot_buffer_size(config)
+    self.ibot_groups = ibot_groups
+    self.buffer_size = batch_lib.ibot_buffer_size(config, ibot_groups)
     self.lr = schedules.lr_schedule(config.optim, config.train.steps, config.data.batch_size)
     self.wd = schedules.weight_decay_schedule(config.optim, config.train.steps)
     self.momentum = schedules.momentum_schedule(config.optim, config.train.steps)
@@ -85,19 +125,22 @@ class _Step:
     return losses.clip_softmax_loss(image, text, logit_scale)
 
   def masked_buffer(self, ssl):
-    """(idx, valid, weights) of the masked global-crop patches, shared by teacher and student."""
-    return _masked_token_buffer(_merge_crops(ssl['mask']), self.buffer_size)
+    """The MaskedBuffer of the global crops' masks, shared by teacher and student."""
+    return _masked_token_buffer(_merge_crops(ssl['mask']), self.buffer_size, self.ibot_groups)
+
+  def head(self, params, parts):
+    apply_head = lambda x: self.apply(params, x, method=self.model.dino)  # noqa: E731
+    return _head_per_group(apply_head, parts, self.ibot_groups)
 
   def teacher_targets(self, teacher_params, ssl, buffer, loss_state, temp):
     """Teacher forward on the unmasked global crops: normalised targets and the raw logits."""
     c, m = self.config, self.model
     b_ssl, n_global = ssl['global'].shape[:2]
     feats = self.apply(teacher_params, normalize(_merge_crops(ssl['global'])), method=m.encode)
-    idx, valid, _ = buffer
-    patches = feats['patches'].reshape(-1, feats['patches'].shape[-1])[idx]
-    logits = self.apply(teacher_params, jnp.concatenate([feats['cls'], patches]), method=m.dino)
-    cls_logits = _crops_first(logits[:n_global * b_ssl].reshape(b_ssl, n_global, -1))
-    patch_logits = logits[n_global * b_ssl:]
+    patches = _gather_buffer(feats['patches'], buffer.idx, self.ibot_groups)
+    cls_logits, patch_logits = self.head(teacher_params, [feats['cls'], patches])
+    cls_logits = _crops_first(cls_logits.reshape(b_ssl, n_global, -1))
+    valid = buffer.valid.reshape(-1)
     if c.loss.teacher_norm == 'centering':
       cls_probs = losses.teacher_centering(cls_logits, loss_state['dino_center'], temp)
       patch_probs = losses.teacher_centering(patch_logits, loss_state['ibot_center'], temp)
@@ -121,19 +164,18 @@ class _Step:
       loc = self.apply(params, normalize(_merge_crops(ssl['local'])), drop_rate=drop, train=True,
                        method=m.encode, rngs=rngs)
       cls_parts.append(loc['cls'])
-    idx, _, weights = buffer
-    patches = g['patches'].reshape(-1, g['patches'].shape[-1])[idx]
+    patches = _gather_buffer(g['patches'], buffer.idx, self.ibot_groups)
     # One head call over every CLS token and the masked-token buffer (the head is shared).
-    logits = self.apply(params, jnp.concatenate(cls_parts + [patches]), method=m.dino)
-    n_g_tokens = n_global * b_ssl
-    global_logits = _crops_first(logits[:n_g_tokens].reshape(b_ssl, n_global, -1))
+    logits = self.head(params, cls_parts + [patches])
+    global_logits = _crops_first(logits[0].reshape(b_ssl, n_global, -1))
+    n_protos = logits[0].shape[-1]
     local_logits = _crops_first(
-        logits[n_g_tokens:n_g_tokens + n_local * b_ssl].reshape(b_ssl, n_local, -1))
-    patch_logits = logits[n_g_tokens + n_local * b_ssl:]
+        (logits[1] if n_local else logits[0][:0]).reshape(b_ssl, n_local, n_protos))
+    patch_logits = logits[-1]
     dino, dino_metrics = losses.dino_loss(global_logits, local_logits, cls_probs,
                                           c.loss.student_temp)
-    ibot = losses.ibot_loss(patch_logits, patch_probs, weights, n_global_images=n_g_tokens,
-                            student_temp=c.loss.student_temp)
+    ibot = losses.ibot_loss(patch_logits, patch_probs, buffer.weights.reshape(-1),
+                            n_global_images=n_global * b_ssl, student_temp=c.loss.student_temp)
     koleo = losses.koleo_loss_global_crops(_crops_first(g['cls'].reshape(b_ssl, n_global, -1)))
     total = (c.loss.dino_weight * dino + c.loss.ibot_weight * ibot + c.loss.koleo_weight * koleo)
     return total, {'dino': dino, 'ibot': ibot, 'koleo': koleo, **dino_metrics}
@@ -201,6 +243,7 @@ class _Step:
                                                 valid=valid)}
       metrics['teacher_entropy'] = losses.teacher_entropy(cls_probs)
       metrics['teacher_patch_entropy'] = losses.teacher_entropy(patch_probs, valid=valid)
+      metrics['ibot_tokens_dropped'] = buffer.dropped
 
     metrics.update(
         loss=loss, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
@@ -250,7 +293,7 @@ def make_train_step(config, mesh, state_shardings, tx):
     from vtp_jax.train import gan_stage  # local: gan_stage imports this package's state module
     step = gan_stage.GanStep(config, tx)
   else:
-    step = _Step(config, tx)
+    step = _Step(config, tx, ibot_groups=batch_lib.ibot_groups(config, mesh))
   return jit_step(step, config, mesh, state_shardings)
 
 
