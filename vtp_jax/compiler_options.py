@@ -14,6 +14,10 @@ under a megabyte here and its activation over 100 MB, so the loop multiplies HBM
 hiding communication. Measured with `bench.aot --breakdown` (docs/scaling.md, 'FSDP that gathers
 weights'): VTP-S on v5p-16 at batch 2,048 goes from 10,302 collective-permutes and 28.5 GiB a chip to
 37 and 11.6 GiB. The plain all-gather of a weight is then scheduled asynchronously beside compute.
+
+GPU: XLA's Triton GEMM fusions are off, so matmuls go to cuBLAS (as MaxText's GPU flags set too).
+With them on, the GPU compiler fails on the backward of the qkv projection beside cuDNN attention
+("Couldn't find output tile sizes that satisfy hlo", VTP-L on h200-8 in `bench.aot`).
 """
 
 # Platform (as jax names a device's platform) -> {option: value}. Values are what XLA parses.
@@ -21,6 +25,9 @@ OPTIONS: dict[str, dict[str, object]] = {
     'tpu': {
         'xla_tpu_enable_windowed_einsum_for_all_gather': False,
         'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False,
+    },
+    'gpu': {
+        'xla_gpu_enable_triton_gemm': False,
     },
 }
 

@@ -95,6 +95,23 @@ def test_jax_path_matches_numpy_and_xla():
     np.testing.assert_allclose(out, xla_attention.softmax_attention(q, k, v, causal), atol=1e-6)
 
 
+@pytest.mark.parametrize('causal', [False, True])
+def test_odd_lengths_padded_for_cudnn_give_the_unpadded_attention(causal):
+  """The one-token padding (masked by sequence lengths) that the 'cudnn' path adds for odd token
+  counts, run through jax's XLA implementation: the same output and gradients as no padding."""
+  q, k, v = _qkv((2, 7, 2, 8))
+
+  def loss(pad):
+    return lambda q, k, v: jnp.sum(jnp.sin(cudnn_attention.softmax_attention(
+        q, k, v, causal, implementation='xla', pad_odd=pad)))
+
+  np.testing.assert_allclose(loss(True)(q, k, v), loss(False)(q, k, v), rtol=1e-6)
+  got = jax.grad(loss(True), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(False), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_cudnn_backend_asks_for_cudnn_and_explains_where_it_cannot_run(monkeypatch):
   q, k, v = _qkv((1, 5, 2, 8))
   if jax.default_backend() == 'cpu':

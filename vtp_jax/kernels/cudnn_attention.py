@@ -12,6 +12,7 @@ call jax would refuse.
 """
 
 import jax
+import jax.numpy as jnp
 
 IMPLEMENTATIONS = (None, 'xla', 'cudnn')
 DTYPES = ('bfloat16', 'float16')  # check_layout: Q must be fp16/bf16 (or fp8, which we never pass)
@@ -33,8 +34,8 @@ def unsupported(*, head_dim: int, dtype: str, seq_sharded: bool, device_kind: st
                 compute_capability: str | None = None) -> str | None:
   """Why cuDNN's fused attention cannot take this call on a GPU, or None if it can.
 
-  Sequence length and causal masks need no check: without a bias jax's cuDNN path takes any
-  length (it checks even lengths only for a bias in training) and has a causal mask type.
+  Sequence length and causal masks need no check: `softmax_attention` pads odd lengths to the
+  even ones jax's cuDNN training path takes, and cuDNN has a causal mask type.
   """
   if 'nvidia' not in device_kind.lower():
     return f'{device_kind or "this GPU"} is not an NVIDIA GPU (cuDNN is NVIDIA-only)'
@@ -55,15 +56,31 @@ def unsupported(*, head_dim: int, dtype: str, seq_sharded: bool, device_kind: st
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,
-                      implementation: str | None = 'cudnn') -> jax.Array:
-  """softmax(q k^T / sqrt(head_dim)) v through jax.nn.dot_product_attention."""
+                      implementation: str | None = 'cudnn', pad_odd: bool | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim)) v through jax.nn.dot_product_attention.
+
+  An odd token count (VTP's CLS + patches: 197, 257; the text tower's 77) is padded by one token
+  that the sequence lengths mask out as a key, and sliced off the output, for 'cudnn' (or when
+  `pad_odd` says so): jax 0.10's cuDNN training path passes a bias placeholder to its own
+  check_is_flash_attention, which then refuses odd lengths ("Unsupported sequence length").
+  """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'implementation={implementation!r}; use one of {IMPLEMENTATIONS}.')
+  tokens = q.shape[1]
+  pad = (implementation == 'cudnn' if pad_odd is None else pad_odd) and tokens % 2 == 1
+  kwargs = {}
+  if pad:
+    widths = [(0, 0), (0, 1), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    lengths = jnp.full((q.shape[0],), tokens, jnp.int32)
+    kwargs = dict(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
   try:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation,
+                                       **kwargs)
   except (RuntimeError, ValueError, NotImplementedError) as e:
     if implementation != 'cudnn':
       raise
     raise ValueError(f"precision.attention='cudnn' cannot serve q {q.shape} {q.dtype} on "
                      f'{jax.default_backend()}: {e}. cuDNN attention needs an NVIDIA GPU and '
                      "float16/bfloat16; use precision.attention='xla' elsewhere.") from e
+  return out[:, :tokens] if pad else out
