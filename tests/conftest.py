@@ -144,8 +144,8 @@ def get_config():
 
 def assert_abstract_state_describes(state, config, mesh):
   """`create(abstract=True)` gives exactly the shapes, dtypes and shardings `create` makes."""
-  from vtp_jax.train import stages  # local, as in the fixtures above
-  abstract, _, _ = stages.create_state(config, mesh, abstract=True)
+  from vtp_jax import tasks  # local, as in the fixtures above
+  abstract, _, _ = tasks.for_config(config).create_state(config, mesh, abstract=True)
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
   paths_and_arrays = jax.tree_util.tree_flatten_with_path(state)[0]
   for (path, want), got in zip(paths_and_arrays, jax.tree.leaves(abstract)):

@@ -120,9 +120,9 @@ def _shapes_and_specs(config, target):
   """(full bytes, bytes per device) of the params and of the whole train state, per leaf from its
   shape and the mesh axes its sharding names (NumPy arithmetic, no compiler involved)."""
   from vtp_jax import sharding
-  from vtp_jax.train import stages
+  from vtp_jax import tasks
   mesh = sharding.make_mesh(config.mesh, targets.devices(target))
-  state, _, _ = stages.create_state(config, mesh, abstract=True)
+  state, _, _ = tasks.for_config(config).create_state(config, mesh, abstract=True)
 
   def totals(tree):
     full = per_device = 0

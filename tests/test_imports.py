@@ -1,15 +1,33 @@
-"""The package's own modules import one another without circles.
+"""The package's own modules import one another without circles and never up a layer.
 
 Every .py file under vtp_jax/ is parsed with `ast` (nothing is imported); each `import vtp_jax.x`
 and `from vtp_jax.x import y` anywhere in the file, function-local ones included, is an edge to
 `vtp_jax.x.y` when that is a module and to `vtp_jax.x` otherwise. A circle, however deferred, means
-two files that cannot be read or changed apart.
+two files that cannot be read or changed apart; an import up the layers below means a lower piece
+that knows about a higher one (the tokenizer's batch contract about the generator, say).
 """
 
 import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'vtp_jax'
+
+# The package's layers, lowest first: a module imports from its own layer or below. A module
+# belongs to the longest prefix listed (so `vtp_jax.train.loop`, the driver, sits above the
+# trainings it runs, and `vtp_jax.eval.__main__`, a command line, above the generator it loads).
+# This table is the one statement of the order; the README's map describes it.
+LAYERS = (
+    ('foundation', ('vtp_jax.host_malloc', 'vtp_jax.compiler_options', 'vtp_jax.sharding',
+                    'vtp_jax.pixels', 'vtp_jax.checkpoint_io', 'vtp_jax.kernels')),
+    ('models and losses', ('vtp_jax.models', 'vtp_jax.losses')),
+    ('batch and data', ('vtp_jax.batch', 'vtp_jax.data')),
+    ('released-model API', ('vtp_jax.inference',)),
+    ('tokenizer training', ('vtp_jax.train',)),
+    ('evaluation and tools', ('vtp_jax.eval', 'vtp_jax.tools')),
+    ('generation', ('vtp_jax.generation',)),
+    ('tasks', ('vtp_jax.tasks',)),
+    ('programs', ('vtp_jax.train.loop', 'vtp_jax.bench', 'vtp_jax.study', 'vtp_jax.eval.__main__')),
+)
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -81,3 +99,40 @@ def test_cycle_finder_reports_a_circle():
 def test_no_import_circles():
   cycle = find_cycle(import_graph())
   assert cycle is None, 'import circle: ' + ' -> '.join(cycle)
+
+
+def layer_of(module: str, layers=LAYERS) -> int:
+  """Index in `layers` of the longest listed prefix of `module`."""
+  best, best_len = None, -1
+  for index, (_, prefixes) in enumerate(layers):
+    for prefix in prefixes:
+      if (module == prefix or module.startswith(prefix + '.')) and len(prefix) > best_len:
+        best, best_len = index, len(prefix)
+  if best is None:
+    raise AssertionError(f'{module} is in no layer of tests/test_imports.py LAYERS: add it there.')
+  return best
+
+
+def upward_imports(graph: dict, layers=LAYERS) -> list:
+  """['a (layer) -> b (layer)', ...] for every import of a higher layer."""
+  names = [name for name, _ in layers]
+  out = []
+  for module, targets in sorted(graph.items()):
+    if module == 'vtp_jax':
+      continue  # the package root imports nothing of its own
+    for target in sorted(targets):
+      low, high = layer_of(module, layers), layer_of(target, layers)
+      if high > low:
+        out.append(f'{module} ({names[low]}) -> {target} ({names[high]})')
+  return out
+
+
+def test_layer_check_reports_an_import_up_the_layers():
+  layers = (('low', ('pkg.a',)), ('high', ('pkg.b',)), ('top', ('pkg.a.cli',)))
+  graph = {'pkg.a.x': {'pkg.b.y'}, 'pkg.b.y': {'pkg.a.x'}, 'pkg.a.cli': {'pkg.b.y'}}
+  assert upward_imports(graph, layers) == ['pkg.a.x (low) -> pkg.b.y (high)']
+
+
+def test_no_module_imports_a_layer_above_its_own():
+  upward = upward_imports(import_graph())
+  assert not upward, 'imports up the layers:\n' + '\n'.join(upward)

@@ -7,9 +7,10 @@ batch = {
            'mask': bool (Bs, 2, (G/p)^2)},
   'rec':  {'image': uint8 (Br, S, S, 3)},
 }
-A branch whose loss weight is 0 is absent. With config.task='generation' the contract is the
-generator's (vtp_jax/generation/batch.py: {'dit': {'latent', 'label'}}); these functions dispatch. Axis 0 of every field is the batch axis, sharded over
-('data', 'fsdp'); images cross to the device as uint8 and are normalised there.
+A branch whose loss weight is 0 is absent. Axis 0 of every field is the batch axis, sharded over
+('data', 'fsdp'); images cross to the device as uint8 and are normalised there. Other trainings
+state their own contracts (the generator's: vtp_jax/generation/batch.py) and place them with the
+shape-generic helpers here (`shardings_of`, `abstract_of`, `check_rows_divide`).
 
 The SSL crops are batch-major (Bs, crops, ...), unlike DESIGN.md's crop-major (crops, Bs, ...):
 merging (Bs, crops) into one batch axis for the encoder keeps each device's rows contiguous, where
@@ -23,8 +24,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vtp_jax import sharding
-from vtp_jax.generation import batch as gen_batch
-from vtp_jax.generation import is_generation
 
 N_GLOBAL_CROPS = 2
 
@@ -85,8 +84,6 @@ def mask_collate_samples(config, n_devices: int, n_local: int) -> int:
 def active_branches(config) -> tuple[str, ...]:
   weights = (('clip', config.loss.clip_weight), ('ssl', config.loss.ssl_weight),
              ('rec', config.loss.rec_weight))
-  if is_generation(config):
-    return (gen_batch.BRANCH,)
   active = tuple(name for name, weight in weights if weight)
   if not active:
     raise ValueError('loss.clip_weight, loss.ssl_weight and loss.rec_weight are all 0: nothing '
@@ -96,8 +93,6 @@ def active_branches(config) -> tuple[str, ...]:
 
 def batch_shapes(config) -> dict:
   """{branch: {field: (shape, dtype)}} of the global batch, for the active branches only."""
-  if is_generation(config):
-    return gen_batch.batch_shapes(config)
   d, m = config.data, config.model
   b, b_ssl, b_rec = sub_batch_sizes(config)
   s, g, lc = d.image_size, d.global_crop_size, d.local_crop_size
@@ -116,28 +111,48 @@ def batch_shapes(config) -> dict:
   return {k: v for k, v in shapes.items() if k in active_branches(config)}
 
 
-def batch_shardings(config, mesh) -> dict:
-  """NamedShardings of the batch: the batch axis over ('data', 'fsdp'), the rest replicated."""
+def shardings_of(shapes: dict, mesh) -> dict:
+  """NamedShardings of a {branch: {field: (shape, dtype)}} batch: axis 0 over ('data', 'fsdp'),
+  the rest replicated."""
   def spec(shape):
     return NamedSharding(mesh, P(sharding.BATCH_AXES, *([None] * (len(shape) - 1))))
 
   return {branch: {field: spec(shape) for field, (shape, _) in fields.items()}
-          for branch, fields in batch_shapes(config).items()}
+          for branch, fields in shapes.items()}
+
+
+def abstract_of(shapes: dict, mesh) -> dict:
+  """ShapeDtypeStructs of a {branch: {field: (shape, dtype)}} batch with their shardings: what
+  `jit(...).lower` takes to compile a step before any data exists (compile-only devices too)."""
+  shardings = shardings_of(shapes, mesh)
+  return {branch: {field: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[branch][field])
+                   for field, (shape, dtype) in fields.items()}
+          for branch, fields in shapes.items()}
+
+
+def check_rows_divide(shapes: dict, mesh) -> None:
+  """Every field's rows split evenly over the batch-sharding axes."""
+  n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  for branch, fields in shapes.items():
+    for field, (shape, _) in fields.items():
+      if shape[0] % n:
+        raise ValueError(f'batch[{branch!r}][{field!r}] has {shape[0]} rows, which do not divide '
+                         f"over the {n} devices of the ('data', 'fsdp') mesh axes; change "
+                         'data.batch_size or the mesh.')
+
+
+def batch_shardings(config, mesh) -> dict:
+  """NamedShardings of the tokenizer's batch."""
+  return shardings_of(batch_shapes(config), mesh)
 
 
 def abstract_batch(config, mesh) -> dict:
-  """ShapeDtypeStructs of the global batch with their shardings: what `jit(...).lower` takes to
-  compile the step before any data exists (on any devices, compile-only ones included)."""
-  shardings = batch_shardings(config, mesh)
-  return {branch: {field: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[branch][field])
-                   for field, (shape, dtype) in fields.items()}
-          for branch, fields in batch_shapes(config).items()}
+  """ShapeDtypeStructs of the tokenizer's global batch with their shardings."""
+  return abstract_of(batch_shapes(config), mesh)
 
 
 def check_divisible(config, mesh) -> None:
   """Every sub-batch an active branch uses must split evenly over the batch-sharding axes."""
-  if is_generation(config):
-    return gen_batch.check_divisible(config, mesh)
   n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
   b, b_ssl, b_rec = sub_batch_sizes(config)
   active = active_branches(config)
@@ -153,8 +168,6 @@ def check_divisible(config, mesh) -> None:
 def synthetic_batch(config, seed: int = 0, n_devices: int | None = None) -> dict:
   """A random batch of the right shapes; masks collated per device of an `n_devices` run
   (default: every device JAX sees), so they fit each device's iBOT buffer."""
-  if is_generation(config):
-    return gen_batch.synthetic_batch(config, seed)
   n_devices = jax.device_count() if n_devices is None else n_devices
   rng = np.random.default_rng(seed)
   out = {}

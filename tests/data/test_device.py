@@ -22,7 +22,7 @@ def test_to_global_shards_the_batch_axis_and_keeps_values(axes):
   local = batch_lib.synthetic_batch(config, seed=3)
   local['labels'] = np.arange(32, dtype=np.int32)
   local['skipped'] = {'missing_image': np.int64(1)}
-  out = device.to_global(local, config, mesh)
+  out = device.to_global(local, mesh, batch_lib.batch_shapes(config))
   assert set(out) == {'clip', 'ssl', 'rec'}  # host-only fields dropped
   n_batch_shards = axes[0] * axes[1]
   for branch, fields in batch_lib.batch_shapes(config).items():
@@ -42,7 +42,7 @@ def test_to_global_refuses_missing_branches_and_wrong_dtypes():
   mesh = sharding.make_mesh(config.mesh)
   local = batch_lib.synthetic_batch(config, seed=0)
   with pytest.raises(ValueError, match='lacks the active branches'):
-    device.to_global({'clip': local['clip']}, config, mesh)
+    device.to_global({'clip': local['clip']}, mesh, batch_lib.batch_shapes(config))
   local['clip']['tokens'] = local['clip']['tokens'].astype(np.int64)
   with pytest.raises(ValueError, match='dtype int64'):
-    device.to_global(local, config, mesh)
+    device.to_global(local, mesh, batch_lib.batch_shapes(config))

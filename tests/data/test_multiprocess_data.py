@@ -23,6 +23,7 @@ _WORKER = textwrap.dedent('''
                                initialization_timeout=120)
     from configs import vtp_tiny  # not conftest: its 8-device XLA flag would override ours
     from vtp_jax import sharding
+    from vtp_jax import batch as batch_lib
     from vtp_jax.data import device, pipeline
     config = vtp_tiny.get_config()
     config.data.image_size = 32
@@ -34,7 +35,7 @@ _WORKER = textwrap.dedent('''
     keys = [k for b in batches for k in b['keys']]
     skipped = [list(k) for b in batches for k in b['skipped_keys']]
     mesh = sharding.make_mesh(config.mesh)  # data axis over all 4 devices of both processes
-    glob = device.to_global(batches[0], config, mesh)
+    glob = device.to_global(batches[0], mesh, batch_lib.batch_shapes(config))
     local_ok = True
     for branch, fields in glob.items():
       for field, array in fields.items():

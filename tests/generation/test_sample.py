@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import micro_config as tokenizer_micro_config
 from gen_util import micro_config, write_latents
+from vtp_jax import tasks
 from vtp_jax import checkpoint_io
 from vtp_jax import pixels
 from vtp_jax import sharding
@@ -17,7 +18,6 @@ from vtp_jax.generation.generator import Generator
 from vtp_jax.inference import Tokenizer
 from vtp_jax.models import vtp
 from vtp_jax.train import checkpoints as train_checkpoints
-from vtp_jax.train import stages
 from vtp_jax.train import state as state_lib
 
 
@@ -29,7 +29,7 @@ def checkpoints(tmp_path_factory):
   config = micro_config()
   config.latents.source = f'arrayrecord:{root}/latents/latents-*.array_record'
   mesh = sharding.make_mesh(config.mesh)
-  state, _, _ = stages.create_state(config, mesh)
+  state, _, _ = tasks.for_config(config).create_state(config, mesh)
   ckpts = train_checkpoints.Checkpoints(root / 'gen', 1)
   ckpts.save(0, state, None, config)
   ckpts.close()

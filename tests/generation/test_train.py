@@ -10,14 +10,12 @@ import pytest
 
 from conftest import assert_abstract_state_describes
 from gen_util import micro_config, write_latents
+from vtp_jax import tasks
 from vtp_jax import batch as batch_lib
 from vtp_jax import checkpoint_io
 from vtp_jax import sharding
 from vtp_jax.generation import data as gen_data
-from vtp_jax.train import flops
 from vtp_jax.train import loop
-from vtp_jax.train import stages
-from vtp_jax.train import step as step_lib
 
 
 @pytest.fixture(scope='module')
@@ -30,13 +28,14 @@ def test_state_is_sharded_abstract_twin_matches_and_step_updates_the_ema():
   config = micro_config()
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(config.mesh)
-  state, shardings, tx = stages.create_state(config, mesh)
+  state, shardings, tx = tasks.for_config(config).create_state(config, mesh)
   assert_abstract_state_describes(state, config, mesh)
   adaln = state.params['blocks_0']['modulation']['adaLN']['kernel']  # (D, 6, D)
   assert adaln.sharding.spec == jax.sharding.PartitionSpec('fsdp', None, 'tensor')
   before = jax.tree.map(np.asarray, state.params)
-  step = step_lib.make_train_step(config, mesh, shardings, tx)
-  batch = jax.device_put(batch_lib.synthetic_batch(config), batch_lib.batch_shardings(config, mesh))
+  step = tasks.for_config(config).make_train_step(config, mesh, shardings, tx)
+  task = tasks.for_config(config)
+  batch = jax.device_put(task.synthetic_batch(config), task.batch_shardings(config, mesh))
   state, metrics = step(state, batch, {})
   assert np.isfinite(float(metrics['loss']))
   # EMA started as a copy of the params: ema_1 = d * p_0 + (1 - d) * p_1 (d = 0.9 here).
@@ -44,8 +43,8 @@ def test_state_is_sharded_abstract_twin_matches_and_step_updates_the_ema():
     p1 = np.asarray(_at(state.params, path))
     np.testing.assert_allclose(np.asarray(_at(state.ema, path)), 0.9 * p0 + 0.1 * p1,
                                rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-  assert flops.step_flops(config)['total'] > 0 and set(flops.step_flops(config)) == {'dit',
-                                                                                     'total'}
+  counted = tasks.for_config(config).step_flops(config)
+  assert counted['total'] > 0 and set(counted) == {'dit', 'total'}
 
 
 def _at(tree, path):
@@ -156,12 +155,12 @@ def test_dit_xl_lowers_from_abstract_state_and_batch_as_the_aot_tool_does():
   config.data.batch_size = 8
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(config.mesh)
-  state, shardings, tx = stages.create_state(config, mesh, abstract=True)
+  state, shardings, tx = tasks.for_config(config).create_state(config, mesh, abstract=True)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   assert n_params / 1e6 == pytest.approx(675.0, abs=0.5)
-  step = step_lib.make_train_step(config, mesh, shardings, tx)
-  batch = batch_lib.abstract_batch(config, mesh)
+  step = tasks.for_config(config).make_train_step(config, mesh, shardings, tx)
+  batch = tasks.for_config(config).abstract_batch(config, mesh)
   with jax.set_mesh(mesh):
-    lowered = step.jitted.lower(state, batch, step_lib.frozen_inputs_abstract(config))
+    lowered = step.jitted.lower(state, batch, tasks.for_config(config).frozen_inputs_abstract(config))
   assert 'dit' in batch and lowered.as_text()  # a program exists; compiling it is bench/aot's job

@@ -8,13 +8,13 @@ import pytest
 from conftest import assert_abstract_state_describes, micro_config
 
 from configs import gan_stage as gan_config
+from vtp_jax import tasks
 from vtp_jax import batch as batch_lib
 from vtp_jax import losses
 from vtp_jax import pixels
 from vtp_jax import sharding
 from vtp_jax.models import discriminator
 from vtp_jax.train import gan_stage
-from vtp_jax.train import stages
 from vtp_jax.train import step as step_lib
 
 
@@ -53,7 +53,7 @@ def test_decoder_gradient_equals_direct_autodiff_of_the_ldm_objective():
   """The step's VJP-linearity shortcut against jax.grad of each term through the whole decoder."""
   config = _gan_config()
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  state, _, tx = stages.create_state(config, mesh)
+  state, _, tx = tasks.for_config(config).create_state(config, mesh)
   batch = batch_lib.synthetic_batch(config, seed=1)
   gan = gan_stage.GanStep(config, tx)
   m, disc = gan.model, gan.disc
@@ -103,11 +103,11 @@ def test_steps_train_decoder_and_discriminator_only():
   start_step = 2  # two steps without and two with the GAN terms
   config = _gan_config(start_step=start_step)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])  # batch-parallel over 2 devices
-  state, shardings, tx = stages.create_state(config, mesh)
+  state, shardings, tx = tasks.for_config(config).create_state(config, mesh)
   assert_abstract_state_describes(state, config, mesh)
   before = jax.tree.map(np.asarray, state.params)
   disc_before = jax.tree.map(np.asarray, state.disc['params'])
-  run = step_lib.make_train_step(config, mesh, shardings, tx)
+  run = tasks.for_config(config).make_train_step(config, mesh, shardings, tx)
   frozen = step_lib.frozen_inputs(config)
   batch = jax.tree.map(jnp.asarray, batch_lib.synthetic_batch(config, seed=3))
   history = []

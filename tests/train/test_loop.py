@@ -24,6 +24,7 @@ import pytest
 
 from conftest import FAST_COMPILE, MICRO_CONFIG, micro_config
 from vtp_jax import checkpoint_io
+from vtp_jax import tasks
 from vtp_jax.train import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -136,12 +137,13 @@ import json, sys
 sys.path[:0] = [{repo!r}, {config_dir!r}]
 import driver_micro
 from vtp_jax.data import synthetic
+from vtp_jax import tasks
 from vtp_jax.train import loop
 
 clean = synthetic.global_batch
 
-def poisoned(config, index):
-  batch = clean(config, index)
+def poisoned(config, index, *make_batch):
+  batch = clean(config, index, *make_batch)
   if index == 4:  # consumed by step 5: out-of-vocabulary tokens embed as NaN (jnp.take fills)
     batch['clip']['tokens'][:] = 10 ** 6
   return batch
@@ -271,7 +273,7 @@ def test_bad_config_fails_before_compiling_with_one_clear_line(changes, message,
     raise AssertionError('compiled or initialised before the config was checked')
 
   monkeypatch.setattr(loop, 'compile_step', must_not_run)
-  monkeypatch.setattr(loop.stages, 'create_state', must_not_run)
+  monkeypatch.setattr(tasks.TokenizerTask, 'create_state', must_not_run)
   with pytest.raises(loop.ConfigError, match=message) as error:
     loop.train_and_evaluate(_bad(**changes), tmp_path / 'work')
   assert '\n' not in str(error.value)
@@ -279,7 +281,7 @@ def test_bad_config_fails_before_compiling_with_one_clear_line(changes, message,
 
 def test_empty_data_folder_is_a_config_error(tmp_path, monkeypatch):
   (tmp_path / 'images').mkdir()
-  monkeypatch.setattr(loop.stages, 'create_state', lambda *a, **k: pytest.fail('initialised'))
+  monkeypatch.setattr(tasks.TokenizerTask, 'create_state', lambda *a, **k: pytest.fail('initialised'))
   with pytest.raises(loop.ConfigError, match='holds no files'):
     loop.train_and_evaluate(_bad(**{'data.source': f'folder:{tmp_path / "images"}'}),
                             tmp_path / 'work')

@@ -6,7 +6,7 @@ it costs there: memory per chip, FLOPs, collectives, and lower bounds on the ste
   python -m vtp_jax.bench.aot --config=configs/vtp_l.py --topology=v5p-256 --plan
 
 Nothing runs on the target: the state, batch and frozen inputs are ShapeDtypeStructs carrying their
-shardings (`stages.create_state(abstract=True)`, `batch.abstract_batch`), and `jit(step).lower(...)
+shardings (the task's `create_state(abstract=True)` and `abstract_batch`), and `jit(step).lower(...)
 .compile()` produces the executable the target would run. Its `memory_analysis()` gives the bytes
 per device (`peak` = arguments + outputs - aliased + temporaries, what must fit in HBM at once),
 `cost_analysis()` the per-device FLOPs and HBM bytes (XLA counts a loop body once, so for scanned

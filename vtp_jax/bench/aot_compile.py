@@ -29,24 +29,16 @@ def _state_bytes_per_device(abstract_state, compiled_shardings) -> dict:
   return out
 
 
-def _batch_sizes(config) -> dict:
-  """The global batch per branch: {'clip', 'ssl', 'rec'} (0 where a loss is off), or the
-  generator's {'dit'}."""
-  from vtp_jax import batch as batch_lib
-  from vtp_jax.generation import is_generation
-  if is_generation(config):
-    return {'dit': int(config.data.batch_size)}
-  sizes = dict(zip(('clip', 'ssl', 'rec'), batch_lib.sub_batch_sizes(config)))
-  return {k: v if k in batch_lib.active_branches(config) else 0 for k, v in sizes.items()}
-
-
 def _describe(config, target, mesh) -> dict:
   """What was compiled, for where: the fields every report starts with."""
   import jax
+
+  from vtp_jax import tasks
   return {
       'topology': target.topology, 'target': target.name, 'chip': target.chip.name,
       'chip_source': target.chip.source, 'slices': target.slices,
-      'devices': mesh.devices.size, 'mesh': dict(mesh.shape), 'batch': _batch_sizes(config),
+      'devices': mesh.devices.size, 'mesh': dict(mesh.shape),
+      'batch': tasks.for_config(config).batch_sizes(config),
       'precision': {'compute_dtype': config.precision.compute_dtype,
                     'remat_policy': config.precision.remat_policy,
                     'scan_layers': bool(config.precision.scan_layers),
@@ -65,9 +57,9 @@ def _report_without_executable(config, target, mesh, inputs, temporaries, error,
   import jax
 
   from vtp_jax import sharding
-  from vtp_jax.train import flops as flops_lib
+  from vtp_jax import tasks
   args = sharding.abstract_bytes_per_device(inputs, jax.tree.map(lambda x: x.sharding, inputs))
-  analytic = flops_lib.step_flops(config, mesh)['total'] / mesh.devices.size
+  analytic = tasks.for_config(config).step_flops(config, mesh)['total'] / mesh.devices.size
   compute = analytic / target.chip.peak_flops
   return {
       **_describe(config, target, mesh),
@@ -91,22 +83,20 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
   """Compiles the config's train step for `target` and returns the report (see the module doc)."""
   import jax
 
-  from vtp_jax import batch as batch_lib
   from vtp_jax import compiler_options
   from vtp_jax import sharding
+  from vtp_jax import tasks
   from vtp_jax.bench import hlo_stats
   from vtp_jax.bench import targets as targets_lib
-  from vtp_jax.train import flops as flops_lib
-  from vtp_jax.train import stages
-  from vtp_jax.train import step as step_lib
 
   devices = devices if devices is not None else targets_lib.devices(target)
   tpu_slices = target.slices if target.platform == 'tpu' else 1
   mesh = sharding.make_mesh(config.mesh, devices, slices=tpu_slices)
-  state, shardings, tx = stages.create_state(config, mesh, abstract=True)
-  step = step_lib.make_train_step(config, mesh, shardings, tx)
-  batch = batch_lib.abstract_batch(config, mesh)
-  frozen_shapes = step_lib.frozen_inputs_abstract(config)
+  task = tasks.for_config(config)
+  state, shardings, tx = task.create_state(config, mesh, abstract=True)
+  step = task.make_train_step(config, mesh, shardings, tx)
+  batch = task.abstract_batch(config, mesh)
+  frozen_shapes = task.frozen_inputs_abstract(config)
   frozen = sharding.with_shardings(
       frozen_shapes, jax.tree.map(lambda _: sharding.replicated(mesh), frozen_shapes))
   t0 = time.perf_counter()
@@ -144,7 +134,7 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
 
   n = mesh.devices.size
   chip = target.chip
-  analytic = flops_lib.step_flops(config, mesh)['total'] / n
+  analytic = task.step_flops(config, mesh)['total'] / n
   # XLA's cost analysis counts a loop body once; scanned blocks run it depth times. Its counts are
   # scaled by the ratio of the HLO's own FLOPs/bytes with and without loop iterations (1 unrolled).
   loops = hlo_stats.loop_aware_costs(hlo)

@@ -44,9 +44,9 @@ def parse_meshes(text: str) -> list[tuple[int, int, int]]:
 
 
 def _batch_divides(config, mesh) -> bool:
-  from vtp_jax import batch as batch_lib
+  from vtp_jax import tasks
   n = mesh[0] * mesh[1]
-  return all(size % n == 0 for size in batch_lib.sub_batch_sizes(config) if size)
+  return all(size % n == 0 for size in tasks.for_config(config).batch_sizes(config).values() if size)
 
 
 def _base_args(argv) -> list[str]:

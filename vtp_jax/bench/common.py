@@ -10,17 +10,15 @@ def build_step(config):
   synthetic batch already placed on the mesh."""
   import jax
 
-  from vtp_jax import batch as batch_lib
   from vtp_jax import sharding
-  from vtp_jax.train import stages
-  from vtp_jax.train import step as step_lib
+  from vtp_jax import tasks
 
+  task = tasks.for_config(config)
   mesh = sharding.make_mesh(config.mesh)
-  state, shardings, tx = stages.create_state(config, mesh)
-  step = step_lib.make_train_step(config, mesh, shardings, tx)
-  frozen = jax.device_put(step_lib.frozen_inputs(config), sharding.replicated(mesh))
-  batch = jax.device_put(batch_lib.synthetic_batch(config),
-                         batch_lib.batch_shardings(config, mesh))
+  state, shardings, tx = task.create_state(config, mesh)
+  step = task.make_train_step(config, mesh, shardings, tx)
+  frozen = jax.device_put(task.frozen_inputs(config), sharding.replicated(mesh))
+  batch = jax.device_put(task.synthetic_batch(config), task.batch_shardings(config, mesh))
   return mesh, state, step, batch, frozen
 
 

@@ -78,14 +78,13 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from vtp_jax import batch as batch_lib
+  from vtp_jax import tasks
   from vtp_jax.bench import common
   from vtp_jax.bench import hlo_stats
-  from vtp_jax.generation import is_generation
   from vtp_jax.models import layers
-  from vtp_jax.train import flops as flops_lib
 
   config = _CONFIG.value
+  task = tasks.for_config(config)
   mesh, state, step, batch, frozen = common.build_step(config)
   t0 = time.perf_counter()
   compiled, run = common.compile_step(mesh, step, state, batch, frozen)
@@ -116,7 +115,7 @@ def main(argv):
   step_s = statistics.median(times)
   if measuring:
     peaks.append(timer(5))
-  analytic = flops_lib.step_flops(config, mesh)
+  analytic = task.step_flops(config, mesh)
   if measuring:
     # A shared machine's matmul rate drifts; the larger of the two keeps MFU conservative.
     peak = max(peaks)
@@ -125,16 +124,10 @@ def main(argv):
   else:
     peak, peak_source = float(FLAGS.peak), 'given'
   achieved = analytic['total'] / step_s
-  b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
-  summary = {'encoder': config.model.encoder.width, 'depth': config.model.encoder.depth,
-             'batch': b, 'ssl_batch': b_ssl, 'rec_batch': b_rec,
-             'image_size': config.data.image_size}
-  if is_generation(config):  # the generator's sizes; the tokenizer sections are unused
-    summary = {'batch': b, 'dit': {k: config.dit[k] for k in (
-        'width', 'depth', 'heads', 'input_size', 'in_channels', 'patch_size')}}
   report = {
-      'config': {**summary,
-                 'branches': list(batch_lib.active_branches(config)),
+      'config': {**task.summary(config),
+                 'task': task.name,
+                 'branches': list(task.branches(config)),
                  'compute_dtype': config.precision.compute_dtype,
                  'remat': config.precision.remat_policy,
                  'scan_layers': config.precision.scan_layers,

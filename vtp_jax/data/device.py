@@ -11,11 +11,11 @@ import jax
 from vtp_jax import batch as batch_lib
 
 
-def to_global(batch: dict, config, mesh) -> dict:
-  """{branch: {field: jax.Array}} of the global batch, for the active branches."""
-  batch_lib.check_divisible(config, mesh)
-  shardings = batch_lib.batch_shardings(config, mesh)
-  shapes = batch_lib.batch_shapes(config)
+def to_global(batch: dict, mesh, shapes: dict) -> dict:
+  """{branch: {field: jax.Array}} of the global batch whose contract is `shapes` ({branch:
+  {field: (global shape, dtype)}}, e.g. `vtp_jax.batch.batch_shapes(config)`)."""
+  batch_lib.check_rows_divide(shapes, mesh)
+  shardings = batch_lib.shardings_of(shapes, mesh)
   missing = [b for b in shardings if b not in batch]
   if missing:
     raise ValueError(f'batch lacks the active branches {missing} (has {sorted(batch)}); the '

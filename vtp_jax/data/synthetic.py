@@ -1,7 +1,8 @@
 """`data.source='synthetic'`: random batches with the pipeline's element structure, as a real Grain
 iterator (checkpointable state), for driver tests and for timing the step without a dataset.
 
-Global batch i is `vtp_jax.batch.synthetic_batch(config, seed)` with a seed fixed by (data.seed, i);
+Global batch i is `make_batch(config, seed)` (the task's synthetic batch; by default the tokenizer's
+`vtp_jax.batch.synthetic_batch`) with a seed fixed by (data.seed, i);
 each process takes its contiguous slice of every field, so the same global batches reach the
 devices whatever the process count (a 2-process run and a 1-process run see identical data).
 Elements also carry 'skipped' (all zero) and 'labels' (-1), like the pipeline's.
@@ -14,8 +15,8 @@ from vtp_jax import batch as batch_lib
 from vtp_jax.data.decode import SKIP_REASONS
 
 
-def global_batch(config, index: int) -> dict:
-  return batch_lib.synthetic_batch(config, seed=int(config.data.seed) * 1_000_003 + int(index))
+def global_batch(config, index: int, make_batch=batch_lib.synthetic_batch) -> dict:
+  return make_batch(config, seed=int(config.data.seed) * 1_000_003 + int(index))
 
 
 def host_slice(batch: dict, process_index: int, process_count: int) -> dict:
@@ -31,12 +32,13 @@ def host_slice(batch: dict, process_index: int, process_count: int) -> dict:
 
 
 def make_iterator(config, *, process_index: int = 0, process_count: int = 1,
-                  start_step: int = 0) -> grain.DatasetIterator:
-  """A Grain iterator over host-local synthetic batches, starting at global batch `start_step`."""
+                  start_step: int = 0, make_batch=batch_lib.synthetic_batch) -> grain.DatasetIterator:
+  """A Grain iterator over host-local synthetic batches, starting at global batch `start_step`;
+  `make_batch(config, seed)` makes one global batch."""
   b_local = int(config.data.batch_size) // process_count
 
   def element(index):
-    out = host_slice(global_batch(config, index), process_index, process_count)
+    out = host_slice(global_batch(config, index, make_batch), process_index, process_count)
     out['skipped'] = {reason: np.int64(0) for reason in SKIP_REASONS}
     out['labels'] = np.full((b_local,), -1, np.int32)
     return out

@@ -3,14 +3,12 @@
 batch = {'dit': {'latent': float32 (B, h, w, C), 'label': int32 (B,)}}
 
 B = data.batch_size, h = w = dit.input_size, C = dit.in_channels. Axis 0 is the batch axis, sharded
-over ('data', 'fsdp') like the tokenizer's batch (vtp_jax/batch.py dispatches here on config.task).
+over ('data', 'fsdp') like the tokenizer's batch, with vtp_jax/batch.py's shape-generic helpers.
 """
-
-import math
 
 import numpy as np
 
-from vtp_jax import sharding
+from vtp_jax import batch as batch_lib
 
 BRANCH = 'dit'
 
@@ -25,10 +23,11 @@ def batch_shapes(config) -> dict:
 
 
 def check_divisible(config, mesh) -> None:
-  n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-  if int(config.data.batch_size) % n:
-    raise ValueError(f'data.batch_size = {config.data.batch_size} does not divide over the {n} '
-                     "devices of the ('data', 'fsdp') mesh axes; change the batch size or mesh.")
+  batch_lib.check_rows_divide(batch_shapes(config), mesh)
+
+
+def batch_shardings(config, mesh) -> dict:
+  return batch_lib.shardings_of(batch_shapes(config), mesh)
 
 
 def synthetic_batch(config, seed: int = 0) -> dict:

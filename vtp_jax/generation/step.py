@@ -1,6 +1,6 @@
 """The generator's train step: flow-matching loss (transport.py), AdamW, EMA of the weights, in one
-jitted, sharded function with the state donated. `make_train_step(config, mesh, shardings, tx)` has
-train/step.py's interface and goes through its `jit_step` (explicit shardings, nan_policy)."""
+jitted, sharded function with the state donated. `make_train_step(config, mesh, shardings, tx)` goes
+through train/step.py's `jit_step` (explicit shardings, compiler options, nan_policy)."""
 
 import jax
 import optax
@@ -9,6 +9,7 @@ from vtp_jax.generation import batch as gen_batch
 from vtp_jax.generation import dit
 from vtp_jax.generation import transport
 from vtp_jax.train import schedules
+from vtp_jax.train import step as step_lib
 
 
 class GenStep:
@@ -44,3 +45,10 @@ class GenStep:
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                    update_norm=optax.tree.norm(updates), lr=self.lr(state.step))
     return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state), metrics
+
+
+def make_train_step(config, mesh, state_shardings, tx):
+  """The jitted generator step `(state, batch, frozen) -> (state, metrics)`, state donated."""
+  gen_batch.check_divisible(config, mesh)
+  return step_lib.jit_step(GenStep(config, tx), config, mesh, state_shardings,
+                           gen_batch.batch_shardings(config, mesh), frozen_abstract={})

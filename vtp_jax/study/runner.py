@@ -58,8 +58,8 @@ def tokenizer_metrics(workdir: pathlib.Path) -> dict:
 
 def tokenizer_flops(config) -> dict:
   """Analytic training FLOPs of a tokenizer config (train/flops.py per step x train.steps)."""
-  from vtp_jax.train import flops as flops_lib
-  per_step = float(flops_lib.step_flops(config)['total'])
+  from vtp_jax import tasks
+  per_step = float(tasks.for_config(config).step_flops(config)['total'])
   steps = int(config.train.steps)
   return {'tokenizer_flops': per_step * steps, 'tokenizer_step_flops': per_step,
           'tokenizer_steps': steps, 'encoder_width': int(config.model.encoder.width),

@@ -9,7 +9,6 @@ is model FLOPs (MFU), not hardware FLOPs (XLA's count in the benchmark includes 
 """
 
 from vtp_jax import batch as batch_lib
-from vtp_jax.generation import flops as gen_flops
 from vtp_jax.models import layers
 
 # VGG16 conv stack as LPIPS runs it: (output channels, input channels, spatial downsampling so far).
@@ -92,14 +91,10 @@ def gan_stage_flops(config) -> dict:
 
 
 def step_flops(config, mesh=None) -> dict:
-  """{'clip', 'ssl', 'rec', 'total'}: analytic FLOPs of one step over the global batch
-  ({'rec', 'disc', 'total'} under `config.gan.enabled`; {'dit', 'total'} for
-  config.task='generation', generation/flops.py). With the step's mesh, the DINO head counts the
-  iBOT buffer rows that mesh's per-device buffers hold (a few fewer than one global buffer)."""
-  if config.get('task', 'tokenizer') == 'generation':
-    return gen_flops.step_flops(config)
-  if config.get('gan', {}).get('enabled', False):
-    return gan_stage_flops(config)
+  """{'clip', 'ssl', 'rec', 'total'}: analytic FLOPs of one stage-1 step over the global batch
+  (the GAN stage's: `gan_stage_flops`; the generator's: generation/flops.py). With the step's
+  mesh, the DINO head counts the iBOT buffer rows that mesh's per-device buffers hold (a few
+  fewer than one global buffer)."""
   d, m = config.data, config.model
   b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
   branches = batch_lib.active_branches(config)

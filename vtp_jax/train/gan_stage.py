@@ -29,6 +29,7 @@ from vtp_jax import sharding
 from vtp_jax.models import discriminator as disc_lib
 from vtp_jax.models import vtp
 from vtp_jax.train import state as state_lib
+from vtp_jax.train import step as step_lib
 
 _LOSSES = {'hinge': (losses.hinge_d_loss, losses.hinge_g_loss),
            'non_saturating': (losses.non_saturating_d_loss, losses.non_saturating_g_loss)}
@@ -38,7 +39,7 @@ def check_config(config) -> None:
   """The GAN stage trains the decoder on the reconstruction batch alone."""
   g = config.gan
   if batch_lib.active_branches(config) != ('rec',):
-    raise ValueError('gan.enabled=True trains the decoder only: set loss.clip_weight=0 and '
+    raise ValueError('The decoder GAN stage trains the decoder only: set loss.clip_weight=0 and '
                      'loss.ssl_weight=0 (configs/vtp_*_gan.py do).')
   if g.loss not in _LOSSES:
     raise ValueError(f'gan.loss={g.loss!r} is not one of {tuple(_LOSSES)}.')
@@ -179,3 +180,11 @@ class GanStep:
     new_state = state.replace(step=state.step + 1, params={**params, 'decoder': decoder},
                               opt_state=opt_state, disc=new_disc)
     return new_state, metrics
+
+
+def make_train_step(config, mesh, state_shardings, tx):
+  """The jitted stage-2 step `(state, batch, frozen) -> (state, metrics)`, state donated."""
+  batch_lib.check_divisible(config, mesh)
+  return step_lib.jit_step(GanStep(config, tx), config, mesh, state_shardings,
+                           batch_lib.batch_shardings(config, mesh),
+                           step_lib.frozen_inputs_abstract(config))

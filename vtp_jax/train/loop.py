@@ -5,9 +5,10 @@ anything compiles (one clear line each); the mesh; the data iterator; the state 
 workdir's latest complete checkpoint, else fresh, optionally over `train.init_from`); the step,
 compiled ahead of time so its memory use is logged before the first batch; then the loop with
 async checkpoints, metrics, image grids, the NaN policy, SIGTERM handling and the evals hook.
+What differs between trainings (tokenizer, decoder GAN stage, generator) comes from the task
+`vtp_jax.tasks.for_config(config)` picks; this file names none of them.
 """
 
-import glob
 import json
 import os
 import pathlib
@@ -19,16 +20,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from vtp_jax import batch as batch_lib
-from vtp_jax import sharding
 from vtp_jax import checkpoint_io
-from vtp_jax.generation import is_generation
+from vtp_jax import sharding
+from vtp_jax import tasks
 from vtp_jax.train import checkpoints
-from vtp_jax.train import flops as flops_lib
 from vtp_jax.train import in_flight
 from vtp_jax.train import metrics as metrics_lib
-from vtp_jax.train import stages
-from vtp_jax.train import step as step_lib
 # Raised from the loop; callers (launch/main.py, tests) catch it as loop.NonFiniteLoss.
 from vtp_jax.train.in_flight import NonFiniteLoss  # noqa: F401
 
@@ -76,45 +73,9 @@ def init_distributed(config) -> bool:
   return True
 
 
-def _check_data_source(config) -> None:
-  source = str(config.data.get('source', ''))
-  if not source:
-    raise ConfigError('data.source is empty; set it (e.g. shapes, tfds:NAME, tar:GLOB, '
-                      'arrayrecord:GLOB, folder:PATH or synthetic).')
-  kind, _, rest = source.partition(':')
-  if kind in ('tar', 'arrayrecord', 'folder') and not rest:
-    raise ConfigError(f'data.source={source!r} names no path; write {kind}:PATH.')
-  if kind not in ('tar', 'arrayrecord', 'folder') or '://' in rest:
-    return  # TFDS / shapes / remote paths: the source itself reports what is missing
-  if kind == 'folder':
-    folder = pathlib.Path(rest)
-    if not folder.is_dir():
-      raise ConfigError(f'data.source={source!r}: folder {rest} does not exist.')
-    if not any(p.is_file() for p in folder.rglob('*')):
-      raise ConfigError(f'data.source={source!r}: folder {rest} holds no files.')
-  elif not glob.glob(rest):
-    raise ConfigError(f'data.source={source!r}: no file matches {rest!r}; check the path/glob.')
-
-
-def _check_generation(config, process_count: int) -> None:
-  """The generator's data checks: latents.source and its statistics, the per-process batch."""
-  if int(config.data.batch_size) % process_count:
-    raise ConfigError(f'data.batch_size = {config.data.batch_size} does not split over '
-                      f'{process_count} processes.')
-  if config.train.init_from:
-    raise ConfigError('train.init_from is for tokenizer runs; a generator run resumes from its '
-                      'own workdir.')
-  if config.latents.source == 'synthetic':
-    return
-  from vtp_jax.generation import data as gen_data  # local: Grain and the latent reader
-  try:
-    gen_data.load_stats(config)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
 def validate(config, n_devices: int, process_count: int) -> tuple:
-  """Every check that needs no compilation; returns the (data, fsdp, tensor) mesh shape."""
+  """Every check that needs no compilation (the driver's, then the task's); returns the
+  (data, fsdp, tensor) mesh shape."""
   t = config.train
   for key in ('steps', 'checkpoint_every', 'keep_checkpoints', 'log_every'):
     if int(t[key]) < 1:
@@ -128,69 +89,22 @@ def validate(config, n_devices: int, process_count: int) -> tuple:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   fake_mesh = types.SimpleNamespace(shape=dict(zip(sharding.MESH_AXES, shape)))
+  task = tasks.for_config(config)
   try:
-    batch_lib.batch_shapes(config)
-    batch_lib.check_divisible(config, fake_mesh)
+    task.batch_shapes(config)
+    task.check_divisible(config, fake_mesh)
+    task.validate(config, process_count)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if is_generation(config):
-    _check_generation(config, process_count)
-    return shape
-  active = batch_lib.active_branches(config)
-  for branch, name, size in zip(('clip', 'ssl', 'rec'),
-                                ('data.batch_size', 'SSL sub-batch', 'rec sub-batch'),
-                                batch_lib.sub_batch_sizes(config)):
-    if branch in active and size % process_count:
-      raise ConfigError(f'{name} = {size} does not split over {process_count} processes.')
-  _check_data_source(config)
   return shape
 
 
-def make_data_iterator(config, process_index: int, process_count: int, start_step: int = 0):
-  """Host-local batches: 'synthetic' here, every other source through the Grain pipeline.
-
-  `start_step` positions a fresh iterator when no saved iterator state fits this run (a resume
-  with another process count): synthetic data resumes exactly; the pipeline reshuffles with
-  data.seed + start_step as its epoch seed (a Grain state cannot be split over a new host count).
-  """
-  synthetic_source = (config.latents.source if is_generation(config)
-                      else config.data.get('source', ''))
-  if is_generation(config) and synthetic_source != 'synthetic':
-    from vtp_jax.generation import data as gen_data  # local: Grain and the latent reader
-    epoch_seed = int(config.data.seed) + start_step if start_step else None
-    return gen_data.make_iterator(config, process_index=process_index,
-                                  process_count=process_count, epoch_seed=epoch_seed)
-  if synthetic_source == 'synthetic':  # the generator's synthetic batches: batch.py dispatches
-    from vtp_jax.data import synthetic  # local: the real pipeline is not needed for it
-    return synthetic.make_iterator(config, process_index=process_index,
-                                   process_count=process_count, start_step=start_step)
-  from vtp_jax.data import pipeline  # local: heavy (TFDS, Grain workers); imported on use
-  epoch_seed = int(config.data.seed) + start_step if start_step else None
-  return pipeline.make_iterator(config, process_index=process_index, process_count=process_count,
-                                epoch_seed=epoch_seed)
-
-
-def _to_global(batch, config, mesh):
-  """Host-local batch -> global arrays (DATA-PIPE's `data.device.to_global`; until that module
-  exists, the same jax.make_array_from_process_local_data placement done here)."""
-  if not _has_device_module():
-    return jax.tree.map(
-        lambda x, s: jax.make_array_from_process_local_data(s, x),
-        batch, batch_lib.batch_shardings(config, mesh))
-  from vtp_jax.data import device  # local: DATA-PIPE's module
-  return device.to_global(batch, config, mesh)
-
-
-def _has_device_module() -> bool:
-  import importlib.util
-  return importlib.util.find_spec('vtp_jax.data.device') is not None
-
-
-def compile_step(step_fn, state, config, mesh, frozen):
-  """The step compiled ahead of time (so memory is known before the first batch is read)."""
+def compile_step(step_fn, state, batch, mesh, frozen):
+  """The step compiled ahead of time for the abstract `batch` (so memory is known before the
+  first batch is read)."""
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = step_fn.jitted.lower(state, batch_lib.abstract_batch(config, mesh), frozen).compile()
+    compiled = step_fn.jitted.lower(state, batch, frozen).compile()
   logging.info('Compiled the train step in %.1f s.', time.perf_counter() - t0)
   try:
     m = compiled.memory_analysis()
@@ -206,14 +120,19 @@ def compile_step(step_fn, state, config, mesh, frozen):
 
 # -- the loop --------------------------------------------------------------------------------------
 
-def _default_evaluate(config, step_dir, step):
-  """The evals hook: runs `config.evals` on the checkpoint just saved and prints the results."""
-  from vtp_jax import eval as eval_lib  # local: evals pull in datasets and extra weights
-  from vtp_jax import inference
-  results = eval_lib.run_evals(inference.Tokenizer.load(step_dir), config)
-  if jax.process_index() == 0:
-    print(json.dumps({'eval_step': step, **results}, sort_keys=True), flush=True)
-  return results
+def _default_evaluate(task):
+  """The evals hook: the task's evaluations of the checkpoint just saved, results printed; None
+  where the task has none."""
+  if not task.supports_evaluations():
+    return None
+
+  def evaluate(config, step_dir, step):
+    results = task.evaluate(config, step_dir, step)
+    if jax.process_index() == 0:
+      print(json.dumps({'eval_step': step, **results}, sort_keys=True), flush=True)
+    return results
+
+  return evaluate
 
 
 def _eval_recorded(workdir, step: int, process_index: int, process_count: int) -> bool:
@@ -245,6 +164,8 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   logging.info('Process %d of %d; %d local / %d global devices (%s); workdir %s.', pi, pc,
                jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind, workdir)
   validate(config, jax.device_count(), pc)
+  task = tasks.for_config(config)
+  evaluate = evaluate or _default_evaluate(task)
   mesh = sharding.make_mesh(config.mesh)
   logging.info('Mesh %s.', dict(mesh.shape))
   t = config.train
@@ -255,34 +176,33 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
       checkpoint_io.resolve(t.init_from)
     except FileNotFoundError as e:
       raise ConfigError(f'train.init_from={t.init_from}: {e}') from None
-  data_iter = make_data_iterator(config, pi, pc)
+  data_iter = task.make_data_iterator(config, pi, pc)
 
   if latest is not None:
     # Shapes and shardings only: no random state is initialised just to be overwritten.
-    target, shardings, tx = stages.create_state(config, mesh, abstract=True)
+    target, shardings, tx = task.create_state(config, mesh, abstract=True)
     fits = ckpts.data_state_saved_here(latest)
     state = ckpts.restore(latest, target, data_iter if fits else None)
     if not fits:
       logging.warning('Checkpoint %d holds no data-iterator state for %d process(es): the data '
                       'restarts from a fresh iterator positioned at step %d.', latest, pc, latest)
-      data_iter = make_data_iterator(config, pi, pc, start_step=latest)
+      data_iter = task.make_data_iterator(config, pi, pc, start_step=latest)
     logging.info('Resumed from %s/%d.', ckpts.root, latest)
   else:
-    state, shardings, tx = stages.create_state(config, mesh)
+    state, shardings, tx = task.create_state(config, mesh)
     if t.init_from:
       state = checkpoints.init_from(t.init_from, state, shardings, config)
   start = int(jax.device_get(state.step))
   if start >= int(t.steps):
     summary = {'start_step': start, 'step': start, 'preempted': False, 'last_checkpoint': latest}
-    if (metrics_lib.evals_due(config, start, final=True)
+    if (evaluate is not None and metrics_lib.evals_due(config, start, final=True)
         and not _eval_recorded(workdir, start, pi, pc)):
       # The run that reached the last step was stopped during its end-of-run evaluation (SIGTERM
       # saves at a step boundary, and there is none left): evaluate the saved step now.
       logging.info('Step %d reached train.steps=%d; its end-of-run evaluation is not in '
                    'metrics.jsonl: evaluating it.', start, int(t.steps))
       writer = metrics_lib.Writer(workdir, enabled=pi == 0)
-      _evaluate_and_record(evaluate or _default_evaluate, config, writer, ckpts.root / str(start),
-                           start)
+      _evaluate_and_record(evaluate, config, writer, ckpts.root / str(start), start)
       writer.close()
     else:
       logging.info('Step %d already reached train.steps=%d: nothing to do.', start, int(t.steps))
@@ -294,21 +214,22 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params),
         include_stats=False))
 
-  step_fn = step_lib.make_train_step(config, mesh, shardings, tx)
-  frozen = jax.device_put(step_lib.frozen_inputs(config), sharding.replicated(mesh))
-  compiled = compile_step(step_fn, state, config, mesh, frozen)
+  logging.info('A %s checkpoint holds: %s.', task.name, task.checkpoint_holds)
+  step_fn = task.make_train_step(config, mesh, shardings, tx)
+  frozen = jax.device_put(task.frozen_inputs(config), sharding.replicated(mesh))
+  compiled = compile_step(step_fn, state, task.abstract_batch(config, mesh), mesh, frozen)
 
   preemption = checkpoints.Preemption()
   acc, skips = metrics_lib.Accumulator(), metrics_lib.SkipCounter()
   writer = metrics_lib.Writer(workdir, enabled=pi == 0)
-  step_flops = flops_lib.step_flops(config, mesh)['total']
-  reconstruct = grid_images = None
+  step_flops = task.step_flops(config, mesh)['total']
+  image_log = task.image_log(config, mesh) if t.image_log_every else None
+  grid_images = None
   total, step, last_saved = int(t.steps), start, latest
   # This invocation may stop early (train.stop_after_steps, e.g. a job time limit); it saves there.
   end = min(total, start + int(t.stop_after_steps)) if int(t.stop_after_steps) > 0 else total
   dispatched, skipped_updates = in_flight.InFlight(t.max_steps_ahead), 0
   kill_after = checkpoints.kill_switch_for_tests()
-  evaluate = evaluate or _default_evaluate
   summary = {'start_step': start, 'preempted': False}
   window_start, window_step = time.perf_counter(), step
 
@@ -338,12 +259,12 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
       batch = next(data_iter)
       skips.add(batch.pop('skipped', None))
       batch.pop('labels', None)
-      if t.image_log_every and grid_images is None and not is_generation(config):
-        grid_images = metrics_lib.grid_source(batch, int(t.image_log_count))
+      if image_log is not None and grid_images is None:
+        grid_images = image_log.take(batch, int(t.image_log_count))
         if pc > 1:  # every process must feed the same images to the (collective) reconstruction
           from jax.experimental import multihost_utils
           grid_images = np.asarray(multihost_utils.broadcast_one_to_all(grid_images))
-      state, metrics = compiled(state, _to_global(batch, config, mesh), frozen)
+      state, metrics = compiled(state, task.to_global(batch, config, mesh), frozen)
       step += 1
       acc.update(metrics)
       dispatched.add(step, metrics)  # waits for step - max_steps_ahead
@@ -361,17 +282,14 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
         metrics_lib.log_line(metrics_lib.progress_line(step, total, values))
         window_start, window_step = time.perf_counter(), step
 
-      if (t.image_log_every and step % int(t.image_log_every) == 0
-          and not is_generation(config)):
-        reconstruct = reconstruct or metrics_lib.make_reconstruct(config, mesh)
-        writer.image(step, 'reconstruction', metrics_lib.image_grid(
-            grid_images, reconstruct(state.params, grid_images)))
+      if image_log is not None and step % int(t.image_log_every) == 0:
+        writer.image(step, 'reconstruction', image_log.render(state.params, grid_images))
 
       final = step == total
-      if (step % int(t.checkpoint_every) == 0 or step == end or
-          metrics_lib.evals_due(config, step, final)):
+      evals_due = evaluate is not None and metrics_lib.evals_due(config, step, final)
+      if step % int(t.checkpoint_every) == 0 or step == end or evals_due:
         save(step)
-      if metrics_lib.evals_due(config, step, final):
+      if evals_due:
         ckpts.wait()
         _evaluate_and_record(evaluate, config, writer, ckpts.root / str(step), step)
     summary['step'] = step

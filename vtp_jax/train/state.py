@@ -111,13 +111,8 @@ def create(config, mesh, rng_seed: int | None = None, *, abstract: bool = False)
   With `abstract=True` the state's leaves are ShapeDtypeStructs carrying their shardings and
   nothing is initialised or allocated: the target a checkpoint restore fills in (a resumed run
   never materialises a throw-away random state), or the input `jit(...).lower` needs.
-  Stage 1 only: `train/stages.py` picks the GAN stage's state where `config.gan.enabled`, and
-  the generator's (`generation/state.py`) where `config.task='generation'`.
+  The stage-1 state; `vtp_jax.tasks.for_config(config).create_state` picks each training's.
   """
-  if config.gan.enabled or config.get('task', 'tokenizer') == 'generation':
-    raise ValueError('state.create builds the stage-1 state, but config.gan.enabled or '
-                     "config.task='generation' is set; call vtp_jax.train.stages.create_state, "
-                     'which picks the GAN stage or the generator.')
   rules = sharding.rules_from_config(config)
   seed = config.seed if rng_seed is None else rng_seed
   init_params, param_shardings, params_shape = param_init(config, mesh)

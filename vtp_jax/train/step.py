@@ -279,31 +279,23 @@ def skip_nonfinite(old_state, new_state, metrics):
 
 
 def make_train_step(config, mesh, state_shardings, tx):
-  """The jitted step `(state, batch, frozen) -> (state, metrics)`, state donated.
+  """The jitted stage-1 step `(state, batch, frozen) -> (state, metrics)`, state donated.
 
-  Shardings are explicit on every input and output; metrics come back replicated. With
-  `config.gan.enabled` this is the decoder GAN stage's step (`train/gan_stage.py`); with
-  `config.task='generation'` the generator's (`generation/step.py`).
+  Shardings are explicit on every input and output; metrics come back replicated. The other
+  trainings' steps (`train/gan_stage.py`, `generation/step.py`) go through `jit_step` as well.
   """
   batch_lib.check_divisible(config, mesh)
-  if config.get('task', 'tokenizer') == 'generation':
-    from vtp_jax.generation import step as gen_step  # local: it builds on this package
-    step = gen_step.GenStep(config, tx)
-  elif config.gan.enabled:
-    from vtp_jax.train import gan_stage  # local: gan_stage imports this package's state module
-    step = gan_stage.GanStep(config, tx)
-  else:
-    step = _Step(config, tx, ibot_groups=batch_lib.ibot_groups(config, mesh))
-  return jit_step(step, config, mesh, state_shardings)
+  step = _Step(config, tx, ibot_groups=batch_lib.ibot_groups(config, mesh))
+  return jit_step(step, config, mesh, state_shardings, batch_lib.batch_shardings(config, mesh),
+                  frozen_inputs_abstract(config))
 
 
-def jit_step(step, config, mesh, state_shardings):
+def jit_step(step, config, mesh, state_shardings, batch_shardings, frozen_abstract):
   """Jits `step(state, batch, frozen)` under the logical-axis rules with explicit shardings, the
   state donated and, under `train.nan_policy='skip'`, non-finite updates dropped in the step."""
   rules = sharding.rules_from_config(config)
   replicated = sharding.replicated(mesh)
-  frozen_shardings = jax.tree.map(lambda _: replicated, frozen_inputs_abstract(config))
-  batch_shardings = batch_lib.batch_shardings(config, mesh)
+  frozen_shardings = jax.tree.map(lambda _: replicated, frozen_abstract)
   skip = config.train.get('nan_policy', 'stop') == 'skip'
 
   @functools.wraps(step.__call__)
