@@ -29,16 +29,14 @@ def _state_bytes_per_device(abstract_state, compiled_shardings) -> dict:
   return out
 
 
-def _describe(config, target, mesh) -> dict:
+def _describe(config, task, target, mesh) -> dict:
   """What was compiled, for where: the fields every report starts with."""
   import jax
-
-  from vtp_jax import tasks
   return {
       'topology': target.topology, 'target': target.name, 'chip': target.chip.name,
       'chip_source': target.chip.source, 'slices': target.slices,
       'devices': mesh.devices.size, 'mesh': dict(mesh.shape),
-      'batch': tasks.for_config(config).batch_sizes(config),
+      'batch': task.batch_sizes(config),
       'precision': {'compute_dtype': config.precision.compute_dtype,
                     'remat_policy': config.precision.remat_policy,
                     'scan_layers': bool(config.precision.scan_layers),
@@ -50,19 +48,19 @@ def _describe(config, target, mesh) -> dict:
 _HBM_EXHAUSTED = re.compile(r'memory required for HLO temporaries \(([0-9.]+)G\) exceeds')
 
 
-def _report_without_executable(config, target, mesh, inputs, temporaries, error, compile_s):
+def _report_without_executable(config, task, target, mesh, inputs, temporaries, error,
+                               compile_s):
   """The report of a program the compiler refused for lack of HBM: arguments from the inputs'
   shard shapes, temporaries from the compiler's message, no executable to read anything else from.
   """
   import jax
 
   from vtp_jax import sharding
-  from vtp_jax import tasks
   args = sharding.abstract_bytes_per_device(inputs, jax.tree.map(lambda x: x.sharding, inputs))
-  analytic = tasks.for_config(config).step_flops(config, mesh)['total'] / mesh.devices.size
+  analytic = task.step_flops(config, mesh)['total'] / mesh.devices.size
   compute = analytic / target.chip.peak_flops
   return {
-      **_describe(config, target, mesh),
+      **_describe(config, task, target, mesh),
       'memory_per_device_gib': {'arguments': args / GIB, 'outputs': None, 'aliased': None,
                                 'temporaries': temporaries / GIB,
                                 'peak': (args + temporaries) / GIB},
@@ -110,7 +108,7 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
       raise
     # The TPU compiler refuses a program whose buffers exceed HBM: it does not fit, and the
     # message says how much its temporaries need.
-    return _report_without_executable(config, target, mesh, (state, batch, frozen),
+    return _report_without_executable(config, task, target, mesh, (state, batch, frozen),
                                       float(needed.group(1)) * GIB, str(e).splitlines()[0],
                                       time.perf_counter() - t0)
   compile_s = time.perf_counter() - t0
@@ -173,7 +171,7 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
       figures['hbm_s'] *= scale
       figures['bound'] = 'hbm' if figures['hbm_s'] > figures['compute_s'] else 'compute'
   return {
-      **_describe(config, target, mesh),
+      **_describe(config, task, target, mesh),
       'memory_per_device_gib': {'arguments': args / GIB, 'outputs': outs / GIB,
                                 'aliased': aliased / GIB, 'temporaries': temps / GIB,
                                 'peak': peak / GIB},

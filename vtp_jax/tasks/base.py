@@ -52,7 +52,7 @@ class Task(abc.ABC):
 
   def batch_sizes(self, config) -> dict:
     """{branch: global rows}: what reports print as the batch."""
-    return {branch: fields[next(iter(fields))][0][0]
+    return {branch: next(iter(fields.values()))[0][0]
             for branch, fields in self.batch_shapes(config).items()}
 
   def check_divisible(self, config, mesh) -> None:
@@ -89,11 +89,6 @@ class Task(abc.ABC):
           start_step=start_step, make_batch=lambda c, seed: self.synthetic_batch(c, seed))
     epoch_seed = int(config.data.seed) + start_step if start_step else None
     return self.source_iterator(config, process_index, process_count, epoch_seed)
-
-  def to_global(self, batch: dict, config, mesh) -> dict:
-    """A host-local batch as global arrays on the batch sharding."""
-    from vtp_jax.data import device  # local: the placement module of the data package
-    return device.to_global(batch, mesh, self.batch_shapes(config))
 
   # -- what the loop may do beside training --------------------------------------------------------
 

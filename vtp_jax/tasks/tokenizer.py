@@ -8,8 +8,6 @@ synthetic batches), `config.evals` on saved steps and the reconstruction grid.
 import glob
 import pathlib
 
-import numpy as np
-
 from vtp_jax import batch as batch_lib
 from vtp_jax.tasks import base
 from vtp_jax.train import flops as flops_lib
@@ -37,24 +35,6 @@ def check_data_source(config) -> None:
       raise ValueError(f'data.source={source!r}: folder {rest} holds no files.')
   elif not glob.glob(rest):
     raise ValueError(f'data.source={source!r}: no file matches {rest!r}; check the path/glob.')
-
-
-class ReconstructionLog:
-  """The training loop's image grid: the first n full-size images of the first batch and their
-  reconstructions by the current parameters."""
-
-  def __init__(self, config, mesh):
-    self.config, self.mesh, self._reconstruct = config, mesh, None
-
-  def take(self, batch: dict, n: int) -> np.ndarray:
-    from vtp_jax.train import metrics as metrics_lib
-    return metrics_lib.grid_source(batch, n)
-
-  def render(self, params, images: np.ndarray) -> np.ndarray:
-    from vtp_jax.train import metrics as metrics_lib
-    if self._reconstruct is None:
-      self._reconstruct = metrics_lib.make_reconstruct(self.config, self.mesh)
-    return metrics_lib.image_grid(images, self._reconstruct(params, images))
 
 
 class TokenizerTask(base.Task):
@@ -120,13 +100,11 @@ class TokenizerTask(base.Task):
     return eval_lib.run_evals(inference.Tokenizer.load(step_dir), config)
 
   def image_log(self, config, mesh):
-    return ReconstructionLog(config, mesh)
+    from vtp_jax.train import metrics as metrics_lib  # local: clu, only where images are logged
+    return metrics_lib.ReconstructionLog(config, mesh)
 
   def summary(self, config) -> dict:
     b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
     return {'encoder': config.model.encoder.width, 'depth': config.model.encoder.depth,
             'batch': b, 'ssl_batch': b_ssl, 'rec_batch': b_rec,
             'image_size': config.data.image_size}
-
-  def branches(self, config) -> tuple:
-    return batch_lib.active_branches(config)

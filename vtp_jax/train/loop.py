@@ -23,6 +23,7 @@ from absl import logging
 from vtp_jax import checkpoint_io
 from vtp_jax import sharding
 from vtp_jax import tasks
+from vtp_jax.data import device
 from vtp_jax.train import checkpoints
 from vtp_jax.train import in_flight
 from vtp_jax.train import metrics as metrics_lib
@@ -223,6 +224,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   acc, skips = metrics_lib.Accumulator(), metrics_lib.SkipCounter()
   writer = metrics_lib.Writer(workdir, enabled=pi == 0)
   step_flops = task.step_flops(config, mesh)['total']
+  batch_shapes = task.batch_shapes(config)  # the contract every host batch is placed by
   image_log = task.image_log(config, mesh) if t.image_log_every else None
   grid_images = None
   total, step, last_saved = int(t.steps), start, latest
@@ -264,7 +266,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
         if pc > 1:  # every process must feed the same images to the (collective) reconstruction
           from jax.experimental import multihost_utils
           grid_images = np.asarray(multihost_utils.broadcast_one_to_all(grid_images))
-      state, metrics = compiled(state, task.to_global(batch, config, mesh), frozen)
+      state, metrics = compiled(state, device.to_global(batch, mesh, batch_shapes), frozen)
       step += 1
       acc.update(metrics)
       dispatched.add(step, metrics)  # waits for step - max_steps_ahead

@@ -212,6 +212,22 @@ def make_reconstruct(config, mesh):
   return run
 
 
+class ReconstructionLog:
+  """The training loop's image grid: the first n full-size images of the first batch and their
+  reconstructions by the current parameters (the reconstruction is compiled on first use)."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh, self._reconstruct = config, mesh, None
+
+  def take(self, batch: dict, n: int) -> np.ndarray:
+    return grid_source(batch, n)
+
+  def render(self, params, images: np.ndarray) -> np.ndarray:
+    if self._reconstruct is None:
+      self._reconstruct = make_reconstruct(self.config, self.mesh)
+    return image_grid(images, self._reconstruct(params, images))
+
+
 class SkipCounter:
   """Bad records the data pipeline skipped ('skipped' dict of every batch), summed over the run."""
 
