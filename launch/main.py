@@ -4,8 +4,8 @@
 
 Re-running the same command resumes from the workdir's latest complete checkpoint. Every process of
 a multi-host job runs this same command (see launch/README.md). Exit status: 0 when trained or
-preempted after saving, 2 for a config that cannot run, 1 when the loss diverged
-(train.nan_policy=stop).
+preempted after saving, 2 for a config that cannot run or a workdir whose checkpoints none reads
+(docs/checkpoints.md), 1 when the loss diverged (train.nan_policy=stop) or a checkpoint save failed.
 """
 
 import pathlib
@@ -45,7 +45,11 @@ def main(argv):
     logging.error('Config error: %s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  except loop.NonFiniteLoss as e:
+  except loop.CheckpointUnreadable as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (loop.NonFiniteLoss, loop.SaveFailed) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -8,19 +8,131 @@ checkpoints without the training stack.
 A parameter checkpoint is a folder holding `config.json` (the full ml_collections config) and Orbax
 PyTree items: `params` (plain nested dict) and, when present, `teacher` (the EMA encoder and DINO
 head). Restores always name the target shardings, so a checkpoint loads onto any mesh.
+
+Reading a training step checks it against the digests saved with it (checkpoint_digest.py), in
+the saved dtypes. A folder that cannot be read or fails its digests raises CheckpointUnreadable,
+whose message is one line (the folder, the part, a short cause, what to do) instead of Orbax's
+TensorStore spec; `report_unreadable` turns it into that line and exit status 2 in a command line.
 """
 
+import contextlib
 import json
+import logging
 import pathlib
+import re
+import sys
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from vtp_jax import checkpoint_digest
+
 CONFIG_FILE = 'config.json'
-# A training workdir: WORKDIR/checkpoints/<step>/{state, data_iter, config}.
+# A training workdir: WORKDIR/checkpoints/<step>/{state, data_iter, config, digest}
+# (the digest item's format is checkpoint_digest.py's).
 STATE, DATA_ITER, CONFIG = 'state', 'data_iter', 'config'
 SUBDIR = 'checkpoints'
+
+
+class CheckpointUnreadable(ValueError):
+  """A checkpoint folder whose files cannot be read or do not match their digests."""
+
+  def __init__(self, folder, part: str, cause: str, advice: str = ''):
+    self.folder, self.part, self.cause = pathlib.Path(folder), part, cause
+    super().__init__(f'{folder}: {part} cannot be read ({cause}); '
+                     f'{advice or _advice(self.folder)}.')
+
+
+class MissingItem(FileNotFoundError):
+  """The checkpoint is readable but holds no such item or field (not damage)."""
+
+
+def _advice(folder: pathlib.Path) -> str:
+  step_dir = next((p for p in (folder, *folder.parents) if p.name.isdigit()), None)
+  if step_dir is not None:
+    others = sorted(int(d.name) for d in step_dir.parent.iterdir()
+                    if d.name.isdigit() and d != step_dir)
+    if others:
+      return (f'restore it from a copy, or read another step: '
+              f'{", ".join(str(step_dir.parent / str(s)) for s in others[::-1][:3])}')
+  return 'restore it from a copy (or re-create it)'
+
+
+def short_cause(error: BaseException, limit: int = 200) -> str:
+  """The innermost error of a chain as 'Class: first line', TensorStore's wording shortened to the
+  array and the reason, at most `limit` characters."""
+  seen = {id(error)}
+  while True:
+    inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    if inner is None or id(inner) in seen:
+      break
+    seen.add(id(inner))
+    error = inner
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ''
+  m = re.search(r'Error (?:reading|writing) "([^"]+)" in OCDBT database at [^"]*"[^"]*": (.*)',
+                text)
+  if m:  # the array (and chunk) and the innermost reason, without the data files' paths
+    reason = m.group(2).rsplit('": ', 1)[-1]  # after the last quoted path
+    text = f'{m.group(1)}: {reason}'
+  return f'{type(error).__name__}: {text}'[:limit]
+
+
+class _DropFailedReadNoise(logging.Filter):
+  def filter(self, record) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and _is_read_noise(exc))
+
+
+def _is_read_noise(exc) -> bool:
+  """What a failed Orbax read leaves behind once its error was raised: the other array reads'
+  errors (never retrieved) and TensorStore callbacks into the closed event loop."""
+  text = str(exc)
+  return (text.startswith('Encountered error while reading array index')
+          or (isinstance(exc, RuntimeError) and text == 'Event loop is closed'))
+
+
+_noise_filter_installed = False
+
+
+def _quiet_failed_read_noise() -> None:
+  """Keeps the leftovers of a failed read (one traceback per array of the damaged file, printed
+  after the error was raised) off the console: the one-line error says it all."""
+  global _noise_filter_installed
+  if _noise_filter_installed:
+    return
+  _noise_filter_installed = True
+  logging.getLogger('asyncio').addFilter(_DropFailedReadNoise())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_read_noise(unraisable.exc_value):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def reading(folder, part: str):
+  """Any error while reading `part` of `folder` becomes CheckpointUnreadable with a short cause."""
+  _quiet_failed_read_noise()
+  try:
+    yield
+  except (CheckpointUnreadable, MissingItem):
+    raise
+  except Exception as e:  # noqa: BLE001: whatever the storage layer raises is a damaged folder
+    raise CheckpointUnreadable(folder, part, short_cause(e)) from e
+
+
+@contextlib.contextmanager
+def report_unreadable():
+  """For command lines: a damaged checkpoint ends the program with its one line, exit status 2."""
+  try:
+    yield
+  except CheckpointUnreadable as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 def config_to_dict(config) -> dict:
@@ -47,10 +159,27 @@ def load_config(path, defaults=None) -> ml_collections.ConfigDict:
   if not file.exists():
     raise FileNotFoundError(f'{file} not found: {path} is not a vtp-jax checkpoint folder '
                             '(expected config.json beside the params).')
-  saved = json.loads(file.read_text())
+  if file.parent.name == CONFIG and is_step_dir(file.parent.parent):
+    saved = read_step_config(file.parent.parent)
+  else:
+    with reading(file.parent, file.name):
+      saved = json.loads(file.read_text())
   config = (defaults or base.get_config)()
   _merge(config, saved)
   return config
+
+
+def read_step_config(step_dir, digests: dict | None = None) -> dict:
+  """A training step's config.json as saved, checked against its digest (`digests`: the step's,
+  when the caller has read them already)."""
+  part = f'{CONFIG}/{CONFIG_FILE}'
+  with reading(step_dir, part):
+    saved = json.loads((pathlib.Path(step_dir) / part).read_text())
+  digests = saved_digests(step_dir) if digests is None else digests
+  if digests and digests['config'] not in (
+      None, checkpoint_digest.hexdigest(checkpoint_digest.canonical_json(saved))):
+    raise CheckpointUnreadable(step_dir, part, 'digest mismatch')
+  return saved
 
 
 def _merge(config, saved: dict) -> None:
@@ -90,14 +219,16 @@ def load_item(path, item: str, target=None):
       return restore_subtree(path, item, target)  # a field of the saved train state
   path = pathlib.Path(path).absolute() / item
   if not path.exists():
-    raise FileNotFoundError(f'{path} not found; the checkpoint has no {item!r} item.')
+    raise MissingItem(f'{path} not found; the checkpoint has no {item!r} item.')
   checkpointer = ocp.StandardCheckpointer()
-  if target is None:
-    metadata = checkpointer.metadata(path)
-    tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  return checkpointer.restore(path, target)
+  with reading(path.parent, item):
+    if target is None:
+      metadata = checkpointer.metadata(path)
+      tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            tree)
+    return checkpointer.restore(path, target)
 
 
 def resolve(path) -> pathlib.Path:
@@ -140,15 +271,16 @@ def is_step_dir(path) -> bool:
 
 
 def _state_tree_metadata(step_dir):
-  metadata = ocp.PyTreeCheckpointer().metadata(pathlib.Path(step_dir).absolute() / STATE)
-  return metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+  with reading(step_dir, f'{STATE} metadata'):
+    metadata = ocp.PyTreeCheckpointer().metadata(pathlib.Path(step_dir).absolute() / STATE)
+    return metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
 
 
 def subtree_metadata(step_dir, key: str):
   """Shapes/dtypes of one top-level field ('params', 'teacher', ...) of a saved train state."""
   tree = _state_tree_metadata(step_dir)
   if key not in tree:
-    raise FileNotFoundError(f'{step_dir}/{STATE} has no {key!r} field (it holds {sorted(tree)}).')
+    raise MissingItem(f'{step_dir}/{STATE} has no {key!r} field (it holds {sorted(tree)}).')
   return tree[key]
 
 
@@ -157,19 +289,58 @@ def state_fields(step_dir) -> set:
   return {k for k, v in _state_tree_metadata(step_dir).items() if v}
 
 
+def saved_digests(step_dir) -> dict | None:
+  """The digests saved with a training step (checkpoint_digest.read_files); None for a step saved
+  before there were digests; CheckpointUnreadable when they cannot be read."""
+  with reading(step_dir, checkpoint_digest.ITEM):
+    if not checkpoint_digest.saved_with_digests(step_dir):
+      return None
+    return checkpoint_digest.read_files(pathlib.Path(step_dir) / checkpoint_digest.ITEM)
+
+
+def in_saved_dtypes(target, digests: dict):
+  """`target` with each leaf the digests describe in its saved dtype (digests compare bytes)."""
+  dtypes = checkpoint_digest.saved_dtypes(digests, target)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, t: jax.ShapeDtypeStruct(t.shape, dtypes.get(checkpoint_digest.key_of(p), t.dtype),
+                                        sharding=t.sharding), target)
+
+
+def verify(step_dir, part: str, restored, digests: dict, prefix: str = '') -> None:
+  """Raises CheckpointUnreadable when `restored` (a tree whose keys carry `prefix`) differs from
+  what the digests say was saved."""
+  problems = checkpoint_digest.verify_arrays(restored, digests, prefix)
+  if problems:
+    more = f' and {len(problems) - 1} more' if len(problems) > 1 else ''
+    raise CheckpointUnreadable(step_dir, part, problems[0] + more)
+
+
+def cast_like(tree, target):
+  """`tree` in `target`'s dtypes (a no-op where they already agree)."""
+  return jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype), tree, target)
+
+
 def restore_subtree(step_dir, key: str, target=None):
-  """One field of a saved train state (e.g. 'params'); `target` (ShapeDtypeStructs with shardings)
-  fixes the placement, else every array lands on the first local device."""
+  """One field of a saved train state (e.g. 'params'), checked against its digests; `target`
+  (ShapeDtypeStructs with shardings) fixes the placement, else every array lands on the first
+  local device."""
+  step_dir = pathlib.Path(step_dir)
   if target is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           subtree_metadata(step_dir, key))
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  restored = ocp.PyTreeCheckpointer().restore(
-      pathlib.Path(step_dir).absolute() / STATE,
-      args=ocp.args.PyTreeRestore(item={key: target}, restore_args={key: restore_args},
-                                  partial_restore=True))
-  return restored[key]
+  digests = saved_digests(step_dir)
+  wanted = {key: target}
+  read_as = in_saved_dtypes(wanted, digests) if digests else wanted
+  with reading(step_dir, f'{STATE}/{key}'):
+    restore_args = ocp.checkpoint_utils.construct_restore_args(read_as[key])
+    restored = ocp.PyTreeCheckpointer().restore(
+        step_dir.absolute() / STATE,
+        args=ocp.args.PyTreeRestore(item=read_as, restore_args={key: restore_args},
+                                    partial_restore=True))
+  if digests:
+    verify(step_dir, f'{STATE}/{key}', {key: restored[key]}, digests)
+  return cast_like({key: restored[key]}, wanted)[key]
 
 
 def item_metadata(path, item: str):
@@ -177,5 +348,6 @@ def item_metadata(path, item: str):
   path = pathlib.Path(path)
   if is_step_dir(path) and not (path / item).exists():
     return subtree_metadata(path, item)
-  md = ocp.StandardCheckpointer().metadata(path.absolute() / item)
-  return md.item_metadata.tree if hasattr(md, 'item_metadata') else md
+  with reading(path, f'{item} metadata'):
+    md = ocp.StandardCheckpointer().metadata(path.absolute() / item)
+    return md.item_metadata.tree if hasattr(md, 'item_metadata') else md

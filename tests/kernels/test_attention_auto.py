@@ -1,10 +1,12 @@
-"""precision.attention='auto': the rule that picks splash on TPU and cuDNN on NVIDIA GPUs where
-their constraints hold (kernels/attention.py `resolve`), and the choice made while tracing.
+"""precision.attention='auto': the rule that picks the vmem kernel or splash on TPU and cuDNN on
+NVIDIA GPUs where their constraints hold (kernels/attention.py `resolve`), and the choice made
+while tracing.
 
 The rule is checked case by case against the constraints the kernel modules state; the traced
 choice by compiling the Attention module for a compile-only TPU v5e 2x2 topology (skipped without
-libtpu): head dim 64 in bfloat16 must lower to the splash Pallas kernel, head dim 32 must not, and
-on this CPU host 'auto' must give exactly the 'xla' kernel's output.
+libtpu): at 129 tokens head dims 64 and 32 in bfloat16 must lower to the vmem Pallas kernel (which
+Mosaic compiles there), at 600 tokens head dim 64 to splash and head dim 32 to no kernel, and on
+this CPU host 'auto' must give exactly the 'xla' kernel's output.
 """
 
 import os
@@ -40,23 +42,26 @@ def test_named_backends_are_kept_and_auto_has_no_layout_until_resolved():
     attention.softmax_attention(q, q, q, causal=False, backend='auto')
 
 
-def test_tpu_takes_splash_where_it_fits_and_says_why_not_elsewhere():
+def test_tpu_takes_vmem_up_to_its_length_then_splash_and_says_why_not_elsewhere():
   name, why = attention.resolve('auto', _call(), TPU)
-  assert name == 'splash' and 'padded to 384' in why  # 257 tokens in 128-token blocks
-  assert attention.resolve('auto', _call(tokens=256, dtype='float32'), TPU)[0] == 'splash'
+  assert name == 'vmem' and 'unpadded' in why  # 257 tokens held whole, no 128-token blocks
+  assert attention.resolve('auto', _call(tokens=77), TPU)[0] == 'vmem'  # the text tower
+  assert attention.resolve('auto', _call(tokens=257, head_dim=80), TPU)[0] == 'vmem'
+  name, why = attention.resolve('auto', _call(tokens=600), TPU)
+  assert name == 'splash' and 'over the 512' in why and 'padded to 640' in why
+  assert attention.resolve('auto', _call(tokens=640, dtype='float32'), TPU)[0] == 'splash'
   refusals = {
-      'head dim 80 is not a multiple of 64': _call(head_dim=80),
+      'head dim 80 is not a multiple of 64': _call(tokens=600, head_dim=80),
       'not float16': _call(dtype='float16'),
       "precision='highest'": _call(matmul_precision='highest'),
       'token axis is sharded': _call(seq_sharded=True),
-      'fewer than 128 tokens': _call(tokens=77),
   }
   for reason, call in refusals.items():
     name, why = attention.resolve('auto', call, TPU)
     assert name == 'xla' and reason in why, (reason, why)
-  # float32 operands take splash whatever the matmul precision.
+  # float32 operands take the TPU kernels whatever the matmul precision.
   assert attention.resolve('auto', _call(dtype='float32', matmul_precision='highest'),
-                           TPU)[0] == 'splash'
+                           TPU)[0] == 'vmem'
 
 
 def test_gpu_takes_cudnn_on_nvidia_in_half_precision_only():
@@ -106,10 +111,10 @@ def tpu_mesh():
   return jax.sharding.Mesh(np.array(topology.devices).reshape(4, 1, 1), ('data', 'fsdp', 'tensor'))
 
 
-def _compiled_attention_hlo(mesh, width, heads):
+def _compiled_attention_hlo(mesh, width, heads, tokens=129):
   module = layers.Attention(layers.BlockSpec(width=width, heads=heads, attention='auto',
                                              dtype='bfloat16', rope_dtype='float32'))
-  x = jax.ShapeDtypeStruct((4, 129, width), jnp.float32, sharding=NamedSharding(mesh, P('data')))
+  x = jax.ShapeDtypeStruct((4, tokens, width), jnp.float32, sharding=NamedSharding(mesh, P('data')))
   rules = sharding.DEFAULT_RULES
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # abstract: nothing runs
     boxed = jax.eval_shape(module.init, jax.ShapeDtypeStruct((2,), jnp.uint32), x)
@@ -128,6 +133,11 @@ def _compiled_attention_hlo(mesh, width, heads):
   return lowered.as_text()
 
 
-def test_auto_lowers_to_splash_on_tpu_for_head_dim_64_only(tpu_mesh):
-  assert 'tpu_custom_call' in _compiled_attention_hlo(tpu_mesh, width=128, heads=2)  # 64
-  assert 'tpu_custom_call' not in _compiled_attention_hlo(tpu_mesh, width=64, heads=2)  # 32
+def test_auto_lowers_to_the_vmem_kernel_then_splash_on_tpu(tpu_mesh):
+  from vtp_jax.kernels import vmem_attention
+  for head_dim in (64, 32):  # Mosaic compiles both kernels at 129 tokens, no multiple of 8
+    hlo = _compiled_attention_hlo(tpu_mesh, width=2 * head_dim, heads=2)
+    assert vmem_attention.FORWARD_NAME in hlo and vmem_attention.BACKWARD_NAME not in hlo
+  long = _compiled_attention_hlo(tpu_mesh, width=128, heads=2, tokens=600)  # splash's lengths
+  assert 'tpu_custom_call' in long and vmem_attention.FORWARD_NAME not in long
+  assert 'tpu_custom_call' not in _compiled_attention_hlo(tpu_mesh, width=64, heads=2, tokens=600)

@@ -1,5 +1,6 @@
-"""Training checkpoints in-process on the 8 fake devices: restore onto other meshes, half-written
-steps ignored, training workdirs readable as checkpoint folders, and init_from's partial restore.
+"""Training checkpoints in-process on the 8 fake devices: restore onto other meshes (checked against
+the saved digests there), half-written steps ignored, training workdirs readable as checkpoint
+folders, and init_from's partial restore.
 
 States are placed with jax.device_put of NumPy values (no compilation), so these tests are fast.
 """
@@ -8,6 +9,7 @@ import json
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -59,7 +61,7 @@ def _assert_equal(a, b):
 
 
 @pytest.mark.heavy
-def test_saved_on_2x2x2_restores_onto_1x8x1_and_one_device(tmp_path):
+def test_saved_on_2x2x2_restores_onto_1x8x1_and_one_device_checked_by_its_digests(tmp_path):
   config = micro_config()
   state, _ = _placed_state(config, _mesh(2, 2, 2))
   expected = _host(state)
@@ -67,10 +69,30 @@ def test_saved_on_2x2x2_restores_onto_1x8x1_and_one_device(tmp_path):
   ckpts.save(7, state, None, config)
   ckpts.wait()
   for mesh in (_mesh(1, 8, 1), _mesh(1, 1, 1, n=1)):
-    restored = ckpts.restore(7, _target_on(state, mesh))
+    restored = ckpts.restore(7, _target_on(state, mesh))  # every saved region checks out
     _assert_equal(restored, expected)
     leaf = restored.params['encoder']['patch_embed']['kernel']
     assert leaf.sharding.mesh.shape == mesh.shape  # placed on the new mesh, not the saved one
+  # Asked for in another dtype: read (and checked) as saved, then cast.
+  as_bf16 = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, jnp.bfloat16, sharding=t.sharding)
+                         if t.dtype == jnp.float32 else t, _target_on(state, _mesh(1, 8, 1)))
+  restored = ckpts.restore(7, as_bf16)
+  assert restored.params['encoder']['patch_embed']['kernel'].dtype == jnp.bfloat16
+  _assert_equal(restored.params, jax.tree.map(lambda x: x.astype(jnp.bfloat16), expected.params))
+  # One region's digest changed: caught on a mesh whose shards cut that region (1x8x1) and on one
+  # device, naming the array.
+  file = tmp_path / 'checkpoints' / '7' / 'digest' / 'process_0-of-1.json'
+  record = json.loads(file.read_text())
+  regions = record['arrays']['params.encoder.patch_embed.kernel']['shards']
+  assert len(regions) > 1  # saved in several shards
+  region = sorted(regions)[-1]
+  regions[region] = ('0' if regions[region][0] != '0' else '1') + regions[region][1:]
+  file.write_text(json.dumps(record))
+  for mesh in (_mesh(1, 8, 1), _mesh(1, 1, 1, n=1)):
+    with pytest.raises(checkpoint_io.CheckpointUnreadable,
+                       match=r'/7: state cannot be read \(params\.encoder\.patch_embed\.kernel '
+                             r'digest mismatch\)'):
+      ckpts.restore(7, _target_on(state, mesh))
   ckpts.close()
 
 

@@ -48,6 +48,12 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from vtp_jax import checkpoint_io  # local: keeps --help fast
+  with checkpoint_io.report_unreadable():  # a damaged checkpoint: one line, exit status 2
+    _evaluate()
+
+
+def _evaluate():
   import jax  # local: keeps --help fast
   from vtp_jax.eval import common
   from vtp_jax.eval import runner

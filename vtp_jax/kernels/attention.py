@@ -7,8 +7,8 @@ attention matmuls; 'cudnn' and 'jax' take jax.nn.dot_product_attention's tokens-
 (batch, tokens, heads, head_dim). `heads_first` tells the caller which to build.
 
 'auto' (the config default) is not a kernel but a choice made at trace time, per attention call:
-'splash' on TPU and 'cudnn' on NVIDIA GPUs where the kernel takes the call (each kernel module's
-`unsupported` says what it takes), 'xla' otherwise. Since the layout depends on the choice, the
+on TPU 'vmem' up to its 512 tokens and 'splash' beyond, on NVIDIA GPUs 'cudnn', where the kernel
+takes the call (each kernel module's `unsupported` says what it takes), 'xla' otherwise. Since the layout depends on the choice, the
 caller resolves 'auto' with `choose` before building q, k, v. The platform is that of the devices
 the program is compiled for, read from the mesh being traced under (`jax.set_mesh`), not
 `jax.default_backend()`: bench.aot compiles TPU and GPU programs on a CPU host. `resolve` is the
@@ -24,20 +24,22 @@ from absl import logging
 
 OPTION = 'precision.attention'
 AUTO = 'auto'
-# 'auto' takes splash from one kernel block of tokens up. Below it (the text tower's 77 tokens, 96 px
-# local crops' 37) the padding to 128 moves more bytes than the xla kernel's small score matrices:
-# in docs/scaling.md's VTP-S roofline, splash there added 36 GiB to the text tower's scopes.
+# Beyond the vmem kernel's lengths, 'auto' takes splash from one kernel block of tokens up. Below it
+# the padding to 128 moves more bytes than the xla kernel's small score matrices: in docs/scaling.md's
+# VTP-S roofline, splash on the text tower's 77 tokens added 36 GiB to its scopes.
 SPLASH_MIN_TOKENS = 128
 BACKENDS = {
-    AUTO: "'splash' on TPU, 'cudnn' on NVIDIA GPUs where they take the call, else 'xla' "
-          '(chosen at trace time; kernels/attention.py, resolve)',
+    AUTO: "'vmem' (up to 512 tokens) or 'splash' on TPU, 'cudnn' on NVIDIA GPUs where they take "
+          "the call, else 'xla' (chosen at trace time; kernels/attention.py, resolve)",
     'xla': "our XLA kernel with FlashAttention's backward identity (kernels/xla_attention.py)",
     'cpu': 'a compiled float32 XLA:CPU kernel (kernels/cpu_attention.py)',
     'cudnn': "cuDNN's fused GPU kernel, jax.nn.dot_product_attention (kernels/cudnn_attention.py)",
     'jax': "jax.nn.dot_product_attention's own XLA path (kernels/cudnn_attention.py)",
     'splash': 'the TPU splash attention Pallas kernel (kernels/splash_attention.py)',
+    'vmem': 'a TPU Pallas kernel holding whole sequences in VMEM, unpadded, up to 512 tokens '
+            '(kernels/vmem_attention.py)',
 }
-_HEADS_FIRST = ('xla', 'cpu', 'splash')
+_HEADS_FIRST = ('xla', 'cpu', 'splash', 'vmem')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +84,16 @@ def resolve(backend: str, call: Call, platform: Platform) -> tuple[str, str]:
   # Imported on use like the kernels below; these modules import no Pallas at the top.
   from vtp_jax.kernels import cudnn_attention
   from vtp_jax.kernels import splash_attention
+  from vtp_jax.kernels import vmem_attention
   name = 'gpu' if platform.name == 'cuda' else platform.name
   where = f'{name} ({platform.device_kind})' if platform.device_kind else name
   shape = f'head dim {call.head_dim}, {call.tokens} tokens, {call.dtype}'
   if name == 'tpu':
+    vmem_why_not = vmem_attention.unsupported(
+        tokens=call.tokens, head_dim=call.head_dim, dtype=call.dtype,
+        seq_sharded=call.seq_sharded, matmul_precision=call.matmul_precision)
+    if vmem_why_not is None:
+      return 'vmem', f'{where}: the vmem kernel takes {shape}, unpadded'
     why_not = splash_attention.unsupported(
         head_dim=call.head_dim, dtype=call.dtype, seq_sharded=call.seq_sharded,
         matmul_precision=call.matmul_precision)
@@ -95,8 +103,9 @@ def resolve(backend: str, call: Call, platform: Platform) -> tuple[str, str]:
     if why_not is None:
       padded = splash_attention.padded_length(call.tokens)
       pad = f' padded to {padded}' if padded != call.tokens else ''
-      return 'splash', f'{where}: splash takes {shape}{pad}'
-    return 'xla', f'{where}: splash cannot take {shape}: {why_not}'
+      return 'splash', f'{where}: vmem cannot take {shape} ({vmem_why_not}); splash takes it{pad}'
+    return 'xla', (f'{where}: vmem cannot take {shape} ({vmem_why_not}); splash cannot '
+                   f'either: {why_not}')
   if name == 'gpu':
     why_not = cudnn_attention.unsupported(
         head_dim=call.head_dim, dtype=call.dtype, seq_sharded=call.seq_sharded,
@@ -156,6 +165,22 @@ def choose(backend: str, *, tokens: int, head_dim: int, dtype, causal: bool) -> 
   return name
 
 
+def takes_projection(backend: str) -> bool:
+  """Whether `backend` takes the stacked qkv projection and the RoPE tables (`qkv_attention`)
+  rather than q, k, v built apart: 'vmem' rotates and slices them on chip."""
+  return backend == 'vmem'
+
+
+def qkv_attention(qkv: jax.Array, sin, cos, *, causal: bool, rope_dtype: str,
+                  backend: str) -> jax.Array:
+  """Attention of the (3, batch, heads, tokens, head_dim) projection, q and k rotated by the RoPE
+  tables when given, for a backend that `takes_projection`."""
+  if not takes_projection(backend):
+    raise ValueError(f'{OPTION}={backend!r} takes q, k, v apart: call softmax_attention.')
+  from vtp_jax.kernels import vmem_attention
+  return vmem_attention.qkv_attention(qkv, sin, cos, causal, rope_dtype=rope_dtype)
+
+
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
                       backend: str) -> jax.Array:
   """Attention of q, k, v in `backend`'s layout (see `heads_first`), output in the same layout."""
@@ -174,6 +199,9 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
   if backend == 'splash':
     from vtp_jax.kernels import splash_attention
     return splash_attention.softmax_attention(q, k, v, causal)
+  if backend == 'vmem':
+    from vtp_jax.kernels import vmem_attention
+    return vmem_attention.softmax_attention(q, k, v, causal)
   from vtp_jax.kernels import cudnn_attention
   return cudnn_attention.softmax_attention(q, k, v, causal,
                                            implementation='cudnn' if backend == 'cudnn' else None)

@@ -271,6 +271,14 @@ class Attention(nn.Module):
                   equation='btd,dknh->kbnth' if heads_first else 'btd,dknh->kbtnh',
                   bias_shape=((3, 1, s.heads, 1, s.head_dim) if heads_first
                               else (3, 1, 1, s.heads, s.head_dim)))(x)
+    names = (('act_batch', 'act_heads', 'act_seq', None) if heads_first
+             else ('act_batch', 'act_seq', 'act_heads', None))
+    if attention_backends.takes_projection(backend) and not s.qk_norm:
+      # The kernel slices q, k, v and applies RoPE on chip: no HBM copy of either.
+      qkv = nn.with_logical_constraint(qkv, (None,) + names)
+      out = attention_backends.qkv_attention(qkv, sin, cos, causal=s.causal,
+                                             rope_dtype=s.rope_dtype, backend=backend)
+      return self._project_out(nn.with_logical_constraint(out, names), heads_first)
     q, k, v = qkv[0], qkv[1], qkv[2]
     token_axis = 2 if heads_first else 1
     if s.qk_norm:
@@ -279,15 +287,17 @@ class Attention(nn.Module):
     if sin is not None:
       q = rope_lib.apply_rope(q, sin, cos, s.rope_dtype, token_axis)
       k = rope_lib.apply_rope(k, sin, cos, s.rope_dtype, token_axis)
-    names = (('act_batch', 'act_heads', 'act_seq', None) if heads_first
-             else ('act_batch', 'act_seq', 'act_heads', None))
     q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
     out = attention_backends.softmax_attention(q, k, v, causal=s.causal, backend=backend)
-    out = nn.with_logical_constraint(out, names)
-    return DenseND((s.width,), 2, ('heads', 'head_dim', 'embed'), ('embed',), dtype,
+    return self._project_out(nn.with_logical_constraint(out, names), heads_first)
+
+  def _project_out(self, out, heads_first: bool):
+    s = self.spec
+    return DenseND((s.width,), 2, ('heads', 'head_dim', 'embed'), ('embed',), dtype_of(s.dtype),
                    s.init_for('proj'), name='proj', impl=s.dense,
                    equation='bnth,nhd->btd' if heads_first else 'btnh,nhd->btd')(
                        out, in_shape=(s.heads, s.head_dim))
+
 
 class LayerScale(nn.Module):
   init_value: float

@@ -213,8 +213,10 @@ def main(argv):
     return
   if not f.checkpoint or not f.dataset:
     raise app.UsageError('--checkpoint and --dataset are required (unless --merge_stats_only).')
+  from vtp_jax import checkpoint_io
   from vtp_jax.inference import Tokenizer
-  tokenizer = Tokenizer.load(f.checkpoint, compute_dtype=f.compute_dtype)
+  with checkpoint_io.report_unreadable():  # a damaged checkpoint: one line, exit status 2
+    tokenizer = Tokenizer.load(f.checkpoint, compute_dtype=f.compute_dtype)
   config = tokenizer.config
   if f.data_dir:
     config.data.data_dir = f.data_dir

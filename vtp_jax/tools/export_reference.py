@@ -80,7 +80,8 @@ def export_reference(src, dst, legacy: bool = False) -> dict:
 
 def main(argv):
   del argv
-  tensors = export_reference(flags.FLAGS.src, flags.FLAGS.dst, flags.FLAGS.legacy)
+  with checkpoint_io.report_unreadable():  # a damaged checkpoint: one line, exit status 2
+    tensors = export_reference(flags.FLAGS.src, flags.FLAGS.dst, flags.FLAGS.legacy)
   print(json.dumps({'dst': flags.FLAGS.dst, 'tensors': len(tensors)}))
 
 

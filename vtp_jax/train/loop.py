@@ -2,10 +2,11 @@
 
 In order: jax.distributed start-up when several processes run; config checks that fail before
 anything compiles (one clear line each); the mesh; the data iterator; the state (resumed from the
-workdir's latest complete checkpoint, else fresh, optionally over `train.init_from`); the step,
-compiled ahead of time so its memory use is logged before the first batch; then the loop with
-async checkpoints, metrics, image grids, the NaN policy, SIGTERM handling and the evals hook.
-What differs between trainings (tokenizer, decoder GAN stage, generator) comes from the task
+workdir's newest complete checkpoint that reads and matches its digests, else fresh, optionally
+over `train.init_from`); the step, compiled ahead of time so its memory use is logged before the
+first batch; then the loop with async checkpoints (a failed save stops it at the next step),
+metrics, image grids, the NaN policy, SIGTERM handling and the evals hook. What differs between
+trainings (tokenizer, decoder GAN stage, generator) comes from the task
 `vtp_jax.tasks.for_config(config)` picks; this file names none of them.
 """
 
@@ -27,7 +28,10 @@ from vtp_jax.data import device
 from vtp_jax.train import checkpoints
 from vtp_jax.train import in_flight
 from vtp_jax.train import metrics as metrics_lib
-# Raised from the loop; callers (launch/main.py, tests) catch it as loop.NonFiniteLoss.
+# Raised from the loop; callers (launch/main.py, tests) catch them as loop.NonFiniteLoss,
+# loop.CheckpointUnreadable (no checkpoint of the workdir reads) and loop.SaveFailed.
+from vtp_jax.checkpoint_io import CheckpointUnreadable  # noqa: F401
+from vtp_jax.train.checkpoints import SaveFailed  # noqa: F401
 from vtp_jax.train.in_flight import NonFiniteLoss  # noqa: F401
 
 
@@ -157,7 +161,9 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   """Trains to `train.steps` (or until SIGTERM), checkpointing into `workdir`; returns a summary.
 
   Raises ConfigError before compiling when the config cannot run, NonFiniteLoss when the loss
-  diverges under nan_policy='stop' (the last good checkpoint stays the newest one).
+  diverges under nan_policy='stop' (the last good checkpoint stays the newest one),
+  CheckpointUnreadable when the workdir holds checkpoints and none reads, SaveFailed when a save
+  did not complete (the steps before it stay).
   """
   init_distributed(config)
   workdir = pathlib.Path(workdir)
@@ -182,8 +188,8 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   if latest is not None:
     # Shapes and shardings only: no random state is initialised just to be overwritten.
     target, shardings, tx = task.create_state(config, mesh, abstract=True)
-    fits = ckpts.data_state_saved_here(latest)
-    state = ckpts.restore(latest, target, data_iter if fits else None)
+    # The newest step that reads and matches its digests; newer ones are moved aside.
+    latest, state, fits = ckpts.restore_newest_readable(target, data_iter)
     if not fits:
       logging.warning('Checkpoint %d holds no data-iterator state for %d process(es): the data '
                       'restarts from a fresh iterator positioned at step %d.', latest, pc, latest)
@@ -192,7 +198,10 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   else:
     state, shardings, tx = task.create_state(config, mesh)
     if t.init_from:
-      state = checkpoints.init_from(t.init_from, state, shardings, config)
+      try:
+        state = checkpoints.init_from(t.init_from, state, shardings, config)
+      except CheckpointUnreadable as e:
+        raise ConfigError(f'train.init_from={t.init_from}: {e}') from None
   start = int(jax.device_get(state.step))
   if start >= int(t.steps):
     summary = {'start_step': start, 'step': start, 'preempted': False, 'last_checkpoint': latest}
@@ -252,6 +261,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
 
   try:
     while step < end:
+      ckpts.check_save()  # a failed async save stops the run here, at the next step
       if preemption.reached(step):
         if last_saved != step:
           save(step)
