@@ -257,17 +257,6 @@ def _attention_bwd(causal, rope, rope_dtype, interpret, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def check_shape(q: jax.Array) -> None:
-  if q.ndim != 4:
-    raise ValueError(f"{OPTION}='vmem' takes heads-first (batch, heads, tokens, head_dim) arrays; "
-                     f'got shape {q.shape}.')
-  why_not = unsupported(tokens=q.shape[2], head_dim=q.shape[3], dtype=jnp.dtype(q.dtype).name,
-                        seq_sharded=False, matmul_precision=None)
-  if why_not:
-    raise ValueError(f"{OPTION}='vmem' cannot take shape {q.shape} {q.dtype}: {why_not}; use "
-                     f"{OPTION}='splash' or 'xla' for it.")
-
-
 def full_tables(sin, cos, tokens: int):
   """RoPE tables over all `tokens`: the prefix (CLS, registers) rows cos 1, sin 0, as
   models/rope.apply_rope pads them, so every token takes the same elementwise rotation."""
@@ -289,7 +278,11 @@ def qkv_attention(qkv: jax.Array, sin=None, cos=None, causal: bool = False, *,
   if qkv.ndim != 5 or qkv.shape[0] != 3:
     raise ValueError(f"{OPTION}='vmem' takes stacked (3, batch, heads, tokens, head_dim) "
                      f'projections; got shape {qkv.shape}.')
-  check_shape(qkv[0])
+  why_not = unsupported(tokens=qkv.shape[3], head_dim=qkv.shape[4],
+                        dtype=jnp.dtype(qkv.dtype).name, seq_sharded=False)
+  if why_not:
+    raise ValueError(f"{OPTION}='vmem' cannot take projections of shape {qkv.shape} {qkv.dtype}: "
+                     f"{why_not}; use {OPTION}='splash' or 'xla' for it.")
   if not interpret and jax.default_backend() != 'tpu' and not _lowering_for_tpu():
     raise ValueError(f"{OPTION}='vmem' is a TPU kernel and this runs on "
                      f"{jax.default_backend()}; use {OPTION}='xla' (or 'cudnn' on GPU).")

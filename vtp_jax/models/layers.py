@@ -254,7 +254,8 @@ class Attention(nn.Module):
   parallelism splits whole heads and never cuts across the q/k/v boundary.
   The projections write and read the layout the precision.attention backend takes
   (kernels/attention.py): heads-first (batch, heads, tokens, head_dim) or jax.nn's tokens-first
-  (batch, tokens, heads, head_dim). The parameters are the same either way.
+  (batch, tokens, heads, head_dim); 'vmem' takes the projection whole and slices and rotates q, k
+  on chip (no HBM copy of either). The parameters are the same every way.
   """
   spec: BlockSpec
 
@@ -274,26 +275,22 @@ class Attention(nn.Module):
     names = (('act_batch', 'act_heads', 'act_seq', None) if heads_first
              else ('act_batch', 'act_seq', 'act_heads', None))
     if attention_backends.takes_projection(backend) and not s.qk_norm:
-      # The kernel slices q, k, v and applies RoPE on chip: no HBM copy of either.
       qkv = nn.with_logical_constraint(qkv, (None,) + names)
       out = attention_backends.qkv_attention(qkv, sin, cos, causal=s.causal,
                                              rope_dtype=s.rope_dtype, backend=backend)
-      return self._project_out(nn.with_logical_constraint(out, names), heads_first)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    token_axis = 2 if heads_first else 1
-    if s.qk_norm:
-      q = RMSNorm(eps=s.qk_norm_eps, axis_name='head_dim', name='q_norm')(q)
-      k = RMSNorm(eps=s.qk_norm_eps, axis_name='head_dim', name='k_norm')(k)
-    if sin is not None:
-      q = rope_lib.apply_rope(q, sin, cos, s.rope_dtype, token_axis)
-      k = rope_lib.apply_rope(k, sin, cos, s.rope_dtype, token_axis)
-    q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
-    out = attention_backends.softmax_attention(q, k, v, causal=s.causal, backend=backend)
-    return self._project_out(nn.with_logical_constraint(out, names), heads_first)
-
-  def _project_out(self, out, heads_first: bool):
-    s = self.spec
-    return DenseND((s.width,), 2, ('heads', 'head_dim', 'embed'), ('embed',), dtype_of(s.dtype),
+    else:
+      q, k, v = qkv[0], qkv[1], qkv[2]
+      if s.qk_norm:
+        q = RMSNorm(eps=s.qk_norm_eps, axis_name='head_dim', name='q_norm')(q)
+        k = RMSNorm(eps=s.qk_norm_eps, axis_name='head_dim', name='k_norm')(k)
+      if sin is not None:
+        token_axis = 2 if heads_first else 1
+        q = rope_lib.apply_rope(q, sin, cos, s.rope_dtype, token_axis)
+        k = rope_lib.apply_rope(k, sin, cos, s.rope_dtype, token_axis)
+      q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
+      out = attention_backends.softmax_attention(q, k, v, causal=s.causal, backend=backend)
+    out = nn.with_logical_constraint(out, names)
+    return DenseND((s.width,), 2, ('heads', 'head_dim', 'embed'), ('embed',), dtype,
                    s.init_for('proj'), name='proj', impl=s.dense,
                    equation='bnth,nhd->btd' if heads_first else 'btnh,nhd->btd')(
                        out, in_shape=(s.heads, s.head_dim))
@@ -347,9 +344,8 @@ class Block(nn.Module):
     mlp = Mlp(s, name='mlp')
     ls1 = LayerScale(s.layerscale, name='ls1') if s.layerscale else (lambda t: t)
     ls2 = LayerScale(s.layerscale, name='ls2') if s.layerscale else (lambda t: t)
-    rngs = (None, None)
-    if self.drop_rate > 0:
-      rngs = tuple(jax.random.split(self.make_rng('drop_path')))
+    rngs = (tuple(jax.random.split(self.make_rng('drop_path'))) if self.drop_rate > 0
+            else (None, None))
     x = drop_path_residual(lambda t: ls1(attn(norm1(t), sin, cos)), x, self.drop_rate,
                            s.drop_path_mode, rngs[0])
     x = drop_path_residual(lambda t: ls2(mlp(norm2(t))), x, self.drop_rate,
