@@ -189,6 +189,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.max_steps_ahead = 2  # dispatched steps the host may queue ahead of the device; 0 = unbounded
   c.train.image_log_every = 1000  # steps per input-vs-reconstruction grid in TensorBoard; 0 = never
   c.train.image_log_count = 8  # images in that grid
+  c.train.accum_steps = 1  # micro-batches the global batch is split into inside one step; exact for every loss (docs/scaling.md, 'Gradient accumulation')
   c.train.nan_policy = 'stop'  # non-finite loss: 'stop' (last good checkpoint kept) or 'skip' the update
   c.train.host_malloc = 'auto'  # glibc malloc: 'auto' ('retain' on CPU hosts, else 'system'), 'retain', 'hugepages', 'system'
   c.train.peak_flops = 0.0  # peak FLOP/s of ALL devices together, for MFU on the console; 0 = no MFU

@@ -40,6 +40,33 @@ def sub_batch_sizes(config) -> tuple[int, int, int]:
   return b, b_ssl, b_rec
 
 
+def accum_steps(config) -> int:
+  """`train.accum_steps`: the micro-batches one step splits its batch into (1 = none)."""
+  k = config.get('train', {}).get('accum_steps', 1)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f'train.accum_steps={k!r} must be a positive int (1 = no accumulation).')
+  return k
+
+
+def check_micro_batches(sizes: dict, config, n_shards: int) -> None:
+  """Each {name: global rows} splits into `train.accum_steps` micro-batches that themselves split
+  over the `n_shards` batch shards, at least one row a device."""
+  k = accum_steps(config)
+  if k == 1:
+    return
+  for name, size in sizes.items():
+    if not size:
+      continue
+    if size % (k * n_shards):
+      per_device = size // n_shards
+      raise ValueError(
+          f'train.accum_steps={k} does not fit the {name} of {size} on {n_shards} batch shards: '
+          f'each micro-batch must hold the same whole number of rows per device, but '
+          f'{per_device} per device' + (' leaves 0 per micro-batch' if per_device < k else
+                                        f' do not split into {k}') +
+          f'; choose accum_steps dividing {per_device} or change the batch size.')
+
+
 def patches_per_global_crop(config) -> int:
   side = config.data.global_crop_size // config.model.patch_size
   return side * side
@@ -61,23 +88,31 @@ def ibot_buffer_size(config, groups: int = 1) -> int:
   n_g = 2 B_ssl / groups global crops of a group mask at most int(n_g * mask_probability) images,
   each with at most int(N * mask_ratio_max) patches: this many masked tokens a group at most. A
   sum of floors never exceeds the floor of the sum, so finer collation than the groups is safe.
+  Under `train.accum_steps = k` masks are collated per device and micro-batch, and this is one
+  micro-batch's buffer (n_g = 2 B_ssl / (groups k)).
   """
   _, b_ssl, _ = sub_batch_sizes(config)
-  if groups < 1 or (b_ssl and b_ssl % groups):
-    raise ValueError(f'{groups} iBOT buffer groups do not split the SSL sub-batch of {b_ssl}.')
-  n_images = N_GLOBAL_CROPS * b_ssl // groups
+  k = accum_steps(config)
+  if groups < 1 or (b_ssl and b_ssl % (groups * k)):
+    raise ValueError(f'{groups} iBOT buffer groups and {k} micro-batches do not split the SSL '
+                     f'sub-batch of {b_ssl}.')
+  n_images = N_GLOBAL_CROPS * b_ssl // (groups * k)
   n_masked_images = int(n_images * config.data.mask_probability)
   return max(n_masked_images * int(patches_per_global_crop(config) * config.data.mask_ratio_max), 1)
 
 
 def mask_collate_samples(config, n_devices: int, n_local: int) -> int:
   """How many of a host's `n_local` SSL samples each mask collation covers: the SSL rows of one
-  device of an `n_devices` run (never more than the host holds). Collations nest inside every
-  device group of any mesh over those devices, which is what bounds `ibot_buffer_size` per group."""
+  device of an `n_devices` run (never more than the host holds), or of one micro-batch of it under
+  `train.accum_steps`. Collations nest inside every device group of any mesh over those devices,
+  which is what bounds `ibot_buffer_size` per group."""
   _, b_ssl, _ = sub_batch_sizes(config)
   if not b_ssl or not n_local:
     return max(n_local, 1)
   per_device = b_ssl // math.gcd(n_devices, b_ssl)
+  k = accum_steps(config)
+  if per_device % k == 0:
+    per_device //= k
   return math.gcd(per_device, n_local)
 
 
@@ -163,6 +198,9 @@ def check_divisible(config, mesh) -> None:
     if branch in active and size and size % n:
       raise ValueError(f'{name} = {size} does not divide over the {n} devices of the '
                        "('data', 'fsdp') mesh axes; change the batch size or mesh.")
+  check_micro_batches({name: size for branch, name, size in (
+      ('clip', 'CLIP batch (data.batch_size)', b), ('ssl', 'SSL sub-batch', b_ssl),
+      ('rec', 'rec sub-batch', b_rec)) if branch in active}, config, n)
 
 
 def synthetic_batch(config, seed: int = 0, n_devices: int | None = None) -> dict:

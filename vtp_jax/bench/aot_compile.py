@@ -37,12 +37,19 @@ def _describe(config, task, target, mesh) -> dict:
       'chip_source': target.chip.source, 'slices': target.slices,
       'devices': mesh.devices.size, 'mesh': dict(mesh.shape),
       'batch': task.batch_sizes(config),
+      'accum_steps': int(config.train.get('accum_steps', 1)),
       'precision': {'compute_dtype': config.precision.compute_dtype,
                     'remat_policy': config.precision.remat_policy,
                     'scan_layers': bool(config.precision.scan_layers),
                     'attention': config.precision.attention},
       'jax': jax.__version__,
   }
+
+
+def _cache_flops(config, task, mesh) -> float:
+  """Per device, the forwards the accumulation cache repeats (train/flops.py 'accum_cache'):
+  outside 'analytic', which is the model's FLOPs that the MFU ceiling divides."""
+  return task.step_flops(config, mesh).get('accum_cache', 0.0) / mesh.devices.size
 
 
 _HBM_EXHAUSTED = re.compile(r'memory required for HLO temporaries \(([0-9.]+)G\) exceeds')
@@ -67,7 +74,8 @@ def _report_without_executable(config, task, target, mesh, inputs, temporaries, 
       'hbm_gib': target.chip.hbm_bytes / GIB,
       'fits': False,
       'compile_error': error[:300],
-      'flops_per_device': {'xla': None, 'analytic': analytic},
+      'flops_per_device': {'xla': None, 'analytic': analytic,
+                           'accum_cache': _cache_flops(config, task, mesh)},
       'collectives': None,
       'compile_s': round(compile_s, 1),
       'bound_s': {'compute': compute},
@@ -178,7 +186,8 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
       'state_gib_per_device': {k: v / GIB for k, v in state_bytes.items()},
       'hbm_gib': chip.hbm_bytes / GIB,
       'fits': peak <= hbm_fraction * chip.hbm_bytes,
-      'flops_per_device': {'xla': flops, 'analytic': analytic, 'xla_loop_bodies_once': xla_flops},
+      'flops_per_device': {'xla': flops, 'analytic': analytic, 'xla_loop_bodies_once': xla_flops,
+                           'accum_cache': _cache_flops(config, task, mesh)},
       'hbm_bytes_per_device': hbm_bytes,
       'cost_sources': sources,
       'collectives': {k: collectives[k] for k in hlo_stats.KINDS},

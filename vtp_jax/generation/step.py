@@ -8,6 +8,7 @@ import optax
 from vtp_jax.generation import batch as gen_batch
 from vtp_jax.generation import dit
 from vtp_jax.generation import transport
+from vtp_jax.train import accumulate
 from vtp_jax.train import schedules
 from vtp_jax.train import step as step_lib
 
@@ -31,13 +32,30 @@ class GenStep:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     data = batch[gen_batch.BRANCH]
 
-    def loss_fn(params):
-      return transport.flow_loss(
-          self.velocity, params, data['latent'], data['label'], key, t_mu=float(c.flow.t_mu),
-          t_sigma=float(c.flow.t_sigma), cosine_weight=float(c.flow.cosine_weight),
-          null_class=int(d.num_classes), class_dropout=float(d.class_dropout))
+    flow = dict(t_mu=float(c.flow.t_mu), t_sigma=float(c.flow.t_sigma),
+                null_class=int(d.num_classes), class_dropout=float(d.class_dropout))
+    k = accumulate.accum_steps(c)
+    if k == 1:
+      def loss_fn(params):
+        return transport.flow_loss(self.velocity, params, data['latent'], data['label'], key,
+                                   cosine_weight=float(c.flow.cosine_weight), **flow)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    else:
+      # The whole batch's draws, then plain accumulation: the flow loss is a mean over latents.
+      x0, t, y = transport.draw(key, data['latent'], data['label'], **flow)
+
+      def micro_grads(xs):
+        x1, x0, t, y = xs
+        (loss, metrics), grads = jax.value_and_grad(transport.loss_at, argnums=1, has_aux=True)(
+            self.velocity, state.params, x1, x0, t, y, float(c.flow.cosine_weight))
+        return jax.tree.map(lambda g: g / k, grads), {'loss': loss, **metrics}
+
+      grads, stacked = accumulate.grads_and_stacked(
+          micro_grads, accumulate.zeros_like(state.params),
+          accumulate.split((data['latent'], x0, t, y), k))
+      metrics = accumulate.mean_metrics(stacked)
+      loss = metrics.pop('loss')
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = float(c.flow.ema_decay)

@@ -94,30 +94,41 @@ def step_flops(config, mesh=None) -> dict:
   """{'clip', 'ssl', 'rec', 'total'}: analytic FLOPs of one stage-1 step over the global batch
   (the GAN stage's: `gan_stage_flops`; the generator's: generation/flops.py). With the step's
   mesh, the DINO head counts the iBOT buffer rows that mesh's per-device buffers hold (a few
-  fewer than one global buffer)."""
+  fewer than one global buffer).
+
+  Under `train.accum_steps > 1`, 'accum_cache' is the forwards the cache pass repeats
+  (train/accumulate.py): the CLIP image and text towers and, with KoLeo on, the student on the
+  global crops. It is listed beside 'total', not in it: 'total' stays the model's FLOPs, so MFU
+  counts the cache like rematerialisation, as work the hardware does and the model does not need."""
   d, m = config.data, config.model
   b, b_ssl, b_rec = batch_lib.sub_batch_sizes(config)
   branches = batch_lib.active_branches(config)
-  out = {}
+  k = batch_lib.accum_steps(config)
+  out, cache = {}, 0.0
   if 'clip' in branches:
     image = encoder_forward(config, d.image_size) + 2 * m.encoder.width * m.clip_dim
     logits = 2 * 2 * b * b * m.clip_dim  # both directions' similarity matmuls
     out['clip'] = 3 * (b * (image + text_forward(config)) + logits)
+    cache += b * (image + text_forward(config))
   if 'ssl' in branches:
     n_global = batch_lib.N_GLOBAL_CROPS * b_ssl
     n_local = d.n_local_crops * b_ssl
     groups = batch_lib.ibot_groups(config, mesh) if mesh is not None else 1
-    buffer = groups * batch_lib.ibot_buffer_size(config, groups)
+    buffer = k * groups * batch_lib.ibot_buffer_size(config, groups)
     student = (n_global * encoder_forward(config, d.global_crop_size) +
                n_local * encoder_forward(config, d.local_crop_size) +
                dino_head_forward(config, n_global + n_local + buffer))
     teacher = (n_global * encoder_forward(config, d.global_crop_size) +
                dino_head_forward(config, n_global + buffer))
     out['ssl'] = 3 * student + teacher
+    if config.loss.koleo_weight:
+      cache += n_global * encoder_forward(config, d.global_crop_size)
   if 'rec' in branches:
     autoencoder = (encoder_forward(config, d.image_size, bottleneck=True) +
                    decoder_forward(config, d.image_size))
     lpips = 3 * vgg16_forward(d.image_size) if config.loss.lpips_weight else 0.0
     out['rec'] = b_rec * (3 * autoencoder + lpips)
   out['total'] = sum(out.values())
+  if k > 1:
+    out['accum_cache'] = cache
   return out

@@ -28,6 +28,7 @@ from vtp_jax import pixels
 from vtp_jax import sharding
 from vtp_jax.models import discriminator as disc_lib
 from vtp_jax.models import vtp
+from vtp_jax.train import accumulate
 from vtp_jax.train import state as state_lib
 from vtp_jax.train import step as step_lib
 
@@ -126,10 +127,11 @@ class GanStep:
     self.disc_tx = disc_optimizer(config)
     self.d_loss_fn, self.g_loss_fn = _LOSSES[config.gan.loss]
 
-  def __call__(self, state, batch, frozen):
-    c, g, m = self.config, self.config.gan, self.model
-    params, disc_params = state.params, state.disc['params']
-    target = pixels.normalize_on_device(batch['rec']['image'])
+  def gradients(self, params, disc_params, factor, images, frozen):
+    """Of one batch of images: the decoder's gradients of the NLL and of the generator's GAN term,
+    the discriminator's gradient, and the batch's metrics (each a mean over images)."""
+    c, m = self.config, self.model
+    target = pixels.normalize_on_device(images)
     # The frozen tokenizer: no gradient reaches the encoder or bottleneck, and no drop path.
     latents = jax.lax.stop_gradient(
         m.apply({'params': params}, target, method=m.latents))
@@ -149,13 +151,6 @@ class GanStep:
     (nll, rec_metrics), d_nll = jax.value_and_grad(nll_fn, has_aux=True)(pred)
     g_loss, d_g = jax.value_and_grad(g_fn)(pred)
     (grad_nll,), (grad_g,) = decoder_vjp(d_nll), decoder_vjp(d_g)
-    last = lambda t: t['proj_out']['kernel']  # noqa: E731  (the decoder's last layer, as LDM)
-    weight = g.disc_weight * losses.adaptive_weight(
-        jnp.linalg.norm(last(grad_nll)), jnp.linalg.norm(last(grad_g)), g.max_adaptive_weight)
-    factor = losses.gan_start_factor(state.step, g.start_step)
-    grads = jax.tree.map(lambda a, b: a + factor * weight * b, grad_nll, grad_g)
-    updates, opt_state = self.tx.update(grads, state.opt_state, params['decoder'])
-    decoder = optax.apply_updates(params['decoder'], updates)
 
     real = _to_lpips_range(target)
     fake = jax.lax.stop_gradient(_to_lpips_range(pred))
@@ -167,16 +162,44 @@ class GanStep:
 
     (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(d_fn, has_aux=True)(
         disc_params)
+    metrics = dict(rec=nll, **rec_metrics, g_loss=g_loss, d_loss=d_loss,
+                   logits_real=jnp.mean(logits_real), logits_fake=jnp.mean(logits_fake))
+    return (grad_nll, grad_g, d_grads), metrics
+
+  def __call__(self, state, batch, frozen):
+    c, g = self.config, self.config.gan
+    params, disc_params = state.params, state.disc['params']
+    factor = losses.gan_start_factor(state.step, g.start_step)
+    images = batch['rec']['image']
+    k = accumulate.accum_steps(c)
+    if k == 1:
+      (grad_nll, grad_g, d_grads), metrics = self.gradients(params, disc_params, factor, images,
+                                                            frozen)
+    else:
+      # Every term is a mean over images, so plain accumulation; the adaptive weight then comes
+      # from the whole batch's last-layer gradients, as at k = 1.
+      def micro(x):
+        grads, metrics = self.gradients(params, disc_params, factor, x, frozen)
+        return jax.tree.map(lambda t: t / k, grads), metrics
+
+      zeros = accumulate.zeros_like((params['decoder'], params['decoder'], disc_params))
+      (grad_nll, grad_g, d_grads), stacked = accumulate.grads_and_stacked(
+          micro, zeros, accumulate.split(images, k))
+      metrics = accumulate.mean_metrics(stacked)
+    last = lambda t: t['proj_out']['kernel']  # noqa: E731  (the decoder's last layer, as LDM)
+    weight = g.disc_weight * losses.adaptive_weight(
+        jnp.linalg.norm(last(grad_nll)), jnp.linalg.norm(last(grad_g)), g.max_adaptive_weight)
+    grads = jax.tree.map(lambda a, b: a + factor * weight * b, grad_nll, grad_g)
+    updates, opt_state = self.tx.update(grads, state.opt_state, params['decoder'])
+    decoder = optax.apply_updates(params['decoder'], updates)
     d_updates, d_opt_state = self.disc_tx.update(d_grads, state.disc['opt_state'], disc_params)
     new_disc = {'params': optax.apply_updates(disc_params, d_updates), 'opt_state': d_opt_state}
 
-    metrics = dict(
-        loss=nll + factor * weight * g_loss, rec=nll, **rec_metrics, g_loss=g_loss,
-        d_loss=d_loss, adaptive_weight=weight, disc_factor=factor,
-        logits_real=jnp.mean(logits_real), logits_fake=jnp.mean(logits_fake),
-        grad_norm=optax.tree.norm(grads), disc_grad_norm=optax.tree.norm(d_grads),
-        param_norm=optax.tree.norm(decoder), update_norm=optax.tree.norm(updates),
-        lr=_lr(g.lr, g.warmup_steps)(state.step))
+    metrics.update(
+        loss=metrics['rec'] + factor * weight * metrics['g_loss'], adaptive_weight=weight,
+        disc_factor=factor, grad_norm=optax.tree.norm(grads),
+        disc_grad_norm=optax.tree.norm(d_grads), param_norm=optax.tree.norm(decoder),
+        update_norm=optax.tree.norm(updates), lr=_lr(g.lr, g.warmup_steps)(state.step))
     new_state = state.replace(step=state.step + 1, params={**params, 'decoder': decoder},
                               opt_state=opt_state, disc=new_disc)
     return new_state, metrics

@@ -23,6 +23,7 @@ from vtp_jax import losses
 from vtp_jax import pixels
 from vtp_jax import sharding
 from vtp_jax.models import vtp
+from vtp_jax.train import accumulate
 from vtp_jax.train import schedules
 from vtp_jax.train import state as state_lib
 
@@ -106,23 +107,32 @@ class _Step:
     self.wd = schedules.weight_decay_schedule(config.optim, config.train.steps)
     self.momentum = schedules.momentum_schedule(config.optim, config.train.steps)
     self.encoder_cfg = config.model.encoder
+    self.accum_steps = accumulate.accum_steps(config)
 
   def apply(self, params, *args, method, rngs=None, **kwargs):
     return self.model.apply({'params': params}, *args, method=method, rngs=rngs, **kwargs)
 
   # -- branches ----------------------------------------------------------------------------------
 
-  def clip_loss(self, params, batch, rngs):
-    c, m = self.config, self.model
+  def clip_features(self, params, batch, rngs):
+    """(image, text) embeddings of a CLIP batch, the inputs of the contrastive loss."""
+    m = self.model
     image = self.apply(params, normalize(batch['image']), method=m.clip_image_features,
                        drop_rate=self.encoder_cfg.clip_drop_rate, train=True, rngs=rngs)
-    text = self.apply(params, batch['tokens'], method=m.clip_text_features)
-    logit_scale = params['clip']['logit_scale']
-    if c.loss.clip_type == 'sigmoid':
-      if 'logit_bias' not in params['clip']:
+    return image, self.apply(params, batch['tokens'], method=m.clip_text_features)
+
+  def clip_objective(self, image, text, clip_params):
+    """The contrastive loss of embeddings under `clip_params` (the logit scale, and the bias)."""
+    if self.config.loss.clip_type == 'sigmoid':
+      if 'logit_bias' not in clip_params:
         raise ValueError("loss.clip_type='sigmoid' needs model.logit_bias=True.")
-      return losses.clip_sigmoid_loss(image, text, logit_scale, params['clip']['logit_bias'])
-    return losses.clip_softmax_loss(image, text, logit_scale)
+      return losses.clip_sigmoid_loss(image, text, clip_params['logit_scale'],
+                                      clip_params['logit_bias'])
+    return losses.clip_softmax_loss(image, text, clip_params['logit_scale'])
+
+  def clip_loss(self, params, batch, rngs):
+    image, text = self.clip_features(params, batch, rngs)
+    return self.clip_objective(image, text, params['clip'])
 
   def masked_buffer(self, ssl):
     """The MaskedBuffer of the global crops' masks, shared by teacher and student."""
@@ -132,37 +142,53 @@ class _Step:
     apply_head = lambda x: self.apply(params, x, method=self.model.dino)  # noqa: E731
     return _head_per_group(apply_head, parts, self.ibot_groups)
 
-  def teacher_targets(self, teacher_params, ssl, buffer, loss_state, temp):
-    """Teacher forward on the unmasked global crops: normalised targets and the raw logits."""
-    c, m = self.config, self.model
+  def teacher_logits(self, teacher_params, ssl, buffer):
+    """Teacher forward on the unmasked global crops: raw CLS logits (crops, Bs, K) and the masked
+    buffer's patch logits (rows, K)."""
     b_ssl, n_global = ssl['global'].shape[:2]
-    feats = self.apply(teacher_params, normalize(_merge_crops(ssl['global'])), method=m.encode)
+    feats = self.apply(teacher_params, normalize(_merge_crops(ssl['global'])),
+                       method=self.model.encode)
     patches = _gather_buffer(feats['patches'], buffer.idx, self.ibot_groups)
     cls_logits, patch_logits = self.head(teacher_params, [feats['cls'], patches])
-    cls_logits = _crops_first(cls_logits.reshape(b_ssl, n_global, -1))
-    valid = buffer.valid.reshape(-1)
+    return _crops_first(cls_logits.reshape(b_ssl, n_global, -1)), patch_logits
+
+  def normalise_teacher(self, cls_logits, patch_logits, valid, loss_state, temp):
+    """Centering or Sinkhorn-Knopp over every sample the logits hold (all leading axes)."""
+    c = self.config
     if c.loss.teacher_norm == 'centering':
-      cls_probs = losses.teacher_centering(cls_logits, loss_state['dino_center'], temp)
-      patch_probs = losses.teacher_centering(patch_logits, loss_state['ibot_center'], temp)
-    else:
-      iters = c.loss.sinkhorn_iterations
-      cls_probs = losses.sinkhorn_knopp(cls_logits, temp, iters)
-      patch_probs = losses.sinkhorn_knopp(patch_logits, temp, iters, valid=valid)
+      return (losses.teacher_centering(cls_logits, loss_state['dino_center'], temp),
+              losses.teacher_centering(patch_logits, loss_state['ibot_center'], temp))
+    iters = c.loss.sinkhorn_iterations
+    return (losses.sinkhorn_knopp(cls_logits, temp, iters),
+            losses.sinkhorn_knopp(patch_logits, temp, iters, valid=valid))
+
+  def teacher_targets(self, teacher_params, ssl, buffer, loss_state, temp):
+    """(cls_probs, patch_probs, cls_logits, patch_logits, valid) of the teacher, no gradient."""
+    cls_logits, patch_logits = self.teacher_logits(teacher_params, ssl, buffer)
+    valid = buffer.valid.reshape(-1)
+    cls_probs, patch_probs = self.normalise_teacher(cls_logits, patch_logits, valid, loss_state,
+                                                    temp)
     return jax.lax.stop_gradient((cls_probs, patch_probs, cls_logits, patch_logits, valid))
 
-  def ssl_loss(self, params, ssl, buffer, targets, rngs):
+  def student_global(self, params, ssl, rngs):
+    """The student's encoding of the masked global crops, {'cls', 'patches', ...}."""
+    return self.apply(params, normalize(_merge_crops(ssl['global'])),
+                      mask=_merge_crops(ssl['mask']), drop_rate=self.encoder_cfg.ssl_drop_rate,
+                      train=True, method=self.model.encode, rngs=rngs)
+
+  def ssl_student(self, params, ssl, buffer, targets, rngs):
+    """dino_weight * DINO + ibot_weight * iBOT of a batch against its teacher targets, their
+    metrics, and the global crops' CLS rows (Bs * crops, D), KoLeo's input."""
     c, m = self.config, self.model
-    cls_probs, patch_probs, _, _, _ = targets
+    cls_probs, patch_probs = targets[:2]
     b_ssl, n_global = ssl['global'].shape[:2]
-    drop = self.encoder_cfg.ssl_drop_rate
-    mask = _merge_crops(ssl['mask'])
-    g = self.apply(params, normalize(_merge_crops(ssl['global'])), mask=mask, drop_rate=drop,
-                   train=True, method=m.encode, rngs=rngs)
+    g = self.student_global(params, ssl, rngs)
     cls_parts = [g['cls']]
     n_local = ssl['local'].shape[1]
     if n_local:
-      loc = self.apply(params, normalize(_merge_crops(ssl['local'])), drop_rate=drop, train=True,
-                       method=m.encode, rngs=rngs)
+      loc = self.apply(params, normalize(_merge_crops(ssl['local'])),
+                       drop_rate=self.encoder_cfg.ssl_drop_rate, train=True, method=m.encode,
+                       rngs=rngs)
       cls_parts.append(loc['cls'])
     patches = _gather_buffer(g['patches'], buffer.idx, self.ibot_groups)
     # One head call over every CLS token and the masked-token buffer (the head is shared).
@@ -176,9 +202,18 @@ class _Step:
                                           c.loss.student_temp)
     ibot = losses.ibot_loss(patch_logits, patch_probs, buffer.weights.reshape(-1),
                             n_global_images=n_global * b_ssl, student_temp=c.loss.student_temp)
-    koleo = losses.koleo_loss_global_crops(_crops_first(g['cls'].reshape(b_ssl, n_global, -1)))
-    total = (c.loss.dino_weight * dino + c.loss.ibot_weight * ibot + c.loss.koleo_weight * koleo)
-    return total, {'dino': dino, 'ibot': ibot, 'koleo': koleo, **dino_metrics}
+    partial = c.loss.dino_weight * dino + c.loss.ibot_weight * ibot
+    return partial, {'dino': dino, 'ibot': ibot, **dino_metrics}, g['cls']
+
+  def koleo(self, cls_rows):
+    """KoLeo of the global crops' CLS rows (Bs * crops, D), each crop over the batch."""
+    return losses.koleo_loss_global_crops(
+        _crops_first(cls_rows.reshape(-1, batch_lib.N_GLOBAL_CROPS, cls_rows.shape[-1])))
+
+  def ssl_loss(self, params, ssl, buffer, targets, rngs):
+    partial, metrics, cls_rows = self.ssl_student(params, ssl, buffer, targets, rngs)
+    koleo = self.koleo(cls_rows)
+    return partial + self.config.loss.koleo_weight * koleo, {**metrics, 'koleo': koleo}
 
   def rec_loss(self, params, batch, frozen, rngs):
     c, m = self.config, self.model
@@ -191,12 +226,14 @@ class _Step:
 
   # -- the step ----------------------------------------------------------------------------------
 
-  def __call__(self, state, batch, frozen):
+  def rng_streams(self, key):
+    """A function giving each branch's {'drop_path', 'rope'} keys in turn (clip, ssl, rec)."""
+    keys = iter(jax.random.split(key, 6))
+    return lambda: {'drop_path': next(keys), 'rope': next(keys)}
+
+  def gradients(self, state, batch, frozen, step_rng, temp):
+    """(loss, metrics, grads, teacher targets, dropped iBOT tokens) of the whole batch at once."""
     c = self.config
-    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    temp = losses.teacher_temperature(state.step, warmup_steps=c.loss.teacher_temp_warmup_steps,
-                                      warmup_temp=c.loss.teacher_temp_warmup,
-                                      final_temp=c.loss.teacher_temp)
     targets = buffer = None
     if 'ssl' in self.branches:
       buffer = self.masked_buffer(batch['ssl'])
@@ -205,8 +242,7 @@ class _Step:
 
     def loss_fn(params):
       metrics, total = {}, 0.0
-      keys = iter(jax.random.split(step_rng, 6))
-      rngs = lambda: {'drop_path': next(keys), 'rope': next(keys)}  # noqa: E731
+      rngs = self.rng_streams(step_rng)
       if 'clip' in self.branches:
         clip, clip_metrics = self.clip_loss(params, batch['clip'], rngs())
         total += c.loss.clip_weight * clip
@@ -222,6 +258,18 @@ class _Step:
       return total, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, metrics, grads, targets, buffer.dropped if buffer is not None else None
+
+  def __call__(self, state, batch, frozen):
+    c = self.config
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    temp = losses.teacher_temperature(state.step, warmup_steps=c.loss.teacher_temp_warmup_steps,
+                                      warmup_temp=c.loss.teacher_temp_warmup,
+                                      final_temp=c.loss.teacher_temp)
+    # train.accum_steps > 1: the same update from micro-batches (docs/scaling.md, 'Gradient
+    # accumulation').
+    gradients = accumulate.vtp_gradients if self.accum_steps > 1 else _Step.gradients
+    loss, metrics, grads, targets, dropped = gradients(self, state, batch, frozen, step_rng, temp)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     clip_params = dict(params['clip'])
@@ -243,7 +291,7 @@ class _Step:
                                                 valid=valid)}
       metrics['teacher_entropy'] = losses.teacher_entropy(cls_probs)
       metrics['teacher_patch_entropy'] = losses.teacher_entropy(patch_probs, valid=valid)
-      metrics['ibot_tokens_dropped'] = buffer.dropped
+      metrics['ibot_tokens_dropped'] = dropped
 
     metrics.update(
         loss=loss, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
