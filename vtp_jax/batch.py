@@ -48,10 +48,11 @@ def accum_steps(config) -> int:
   return k
 
 
-def check_micro_batches(sizes: dict, config, n_shards: int) -> None:
+def check_micro_batches(sizes: dict, config, mesh) -> None:
   """Each {name: global rows} splits into `train.accum_steps` micro-batches that themselves split
-  over the `n_shards` batch shards, at least one row a device."""
+  over the mesh's batch shards, at least one row a device."""
   k = accum_steps(config)
+  n_shards = sharding.batch_shards(mesh)
   if k == 1:
     return
   for name, size in sizes.items():
@@ -76,9 +77,8 @@ def ibot_groups(config, mesh) -> int:
   """How many groups the step's iBOT masked-token buffer is split into: one per batch shard of
   the mesh (the product of its ('data', 'fsdp') sizes), so each device gathers its own masked
   patches and no patch token crosses a chip (docs/scaling.md, 'The iBOT buffer per device')."""
-  shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
   _, b_ssl, _ = sub_batch_sizes(config)
-  return math.gcd(shards, b_ssl) if b_ssl else 1
+  return math.gcd(sharding.batch_shards(mesh), b_ssl) if b_ssl else 1
 
 
 def ibot_buffer_size(config, groups: int = 1) -> int:
@@ -167,7 +167,7 @@ def abstract_of(shapes: dict, mesh) -> dict:
 
 def check_rows_divide(shapes: dict, mesh) -> None:
   """Every field's rows split evenly over the batch-sharding axes."""
-  n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  n = sharding.batch_shards(mesh)
   for branch, fields in shapes.items():
     for field, (shape, _) in fields.items():
       if shape[0] % n:
@@ -187,8 +187,9 @@ def abstract_batch(config, mesh) -> dict:
 
 
 def check_divisible(config, mesh) -> None:
-  """Every sub-batch an active branch uses must split evenly over the batch-sharding axes."""
-  n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  """Every sub-batch an active branch uses must split evenly over the batch-sharding axes, and
+  into `train.accum_steps` micro-batches of them."""
+  n = sharding.batch_shards(mesh)
   b, b_ssl, b_rec = sub_batch_sizes(config)
   active = active_branches(config)
   for branch, name, size in (
@@ -200,7 +201,7 @@ def check_divisible(config, mesh) -> None:
                        "('data', 'fsdp') mesh axes; change the batch size or mesh.")
   check_micro_batches({name: size for branch, name, size in (
       ('clip', 'CLIP batch (data.batch_size)', b), ('ssl', 'SSL sub-batch', b_ssl),
-      ('rec', 'rec sub-batch', b_rec)) if branch in active}, config, n)
+      ('rec', 'rec sub-batch', b_rec)) if branch in active}, config, mesh)
 
 
 def synthetic_batch(config, seed: int = 0, n_devices: int | None = None) -> dict:

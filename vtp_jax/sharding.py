@@ -143,6 +143,12 @@ def init_sharded(init_fn, mesh, rules, *args):
   return params, shardings
 
 
+def batch_shards(mesh) -> int:
+  """How many ways the batch axis splits: the product of the mesh's ('data', 'fsdp') sizes (1 for
+  an empty abstract mesh)."""
+  return math.prod(dict(mesh.shape).get(a, 1) for a in BATCH_AXES)
+
+
 def batch_sharding(mesh, ndim: int = 1, leading_axes: int = 1) -> NamedSharding:
   """Sharding of an input array whose batch axis is `leading_axes - 1` (earlier axes replicated)."""
   spec = [None] * (leading_axes - 1) + [BATCH_AXES] + [None] * (ndim - leading_axes)

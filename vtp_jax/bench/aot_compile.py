@@ -32,12 +32,14 @@ def _state_bytes_per_device(abstract_state, compiled_shardings) -> dict:
 def _describe(config, task, target, mesh) -> dict:
   """What was compiled, for where: the fields every report starts with."""
   import jax
+
+  from vtp_jax import batch as batch_lib
   return {
       'topology': target.topology, 'target': target.name, 'chip': target.chip.name,
       'chip_source': target.chip.source, 'slices': target.slices,
       'devices': mesh.devices.size, 'mesh': dict(mesh.shape),
       'batch': task.batch_sizes(config),
-      'accum_steps': int(config.train.get('accum_steps', 1)),
+      'accum_steps': batch_lib.accum_steps(config),
       'precision': {'compute_dtype': config.precision.compute_dtype,
                     'remat_policy': config.precision.remat_policy,
                     'scan_layers': bool(config.precision.scan_layers),
@@ -46,10 +48,12 @@ def _describe(config, task, target, mesh) -> dict:
   }
 
 
-def _cache_flops(config, task, mesh) -> float:
-  """Per device, the forwards the accumulation cache repeats (train/flops.py 'accum_cache'):
-  outside 'analytic', which is the model's FLOPs that the MFU ceiling divides."""
-  return task.step_flops(config, mesh).get('accum_cache', 0.0) / mesh.devices.size
+def _analytic_flops(config, task, mesh) -> tuple[float, float]:
+  """Per device: the model's FLOPs (what the MFU ceiling divides) and the forwards the
+  accumulation cache repeats beside them (train/flops.py 'accum_cache')."""
+  counted = task.step_flops(config, mesh)
+  n = mesh.devices.size
+  return counted['total'] / n, counted.get('accum_cache', 0.0) / n
 
 
 _HBM_EXHAUSTED = re.compile(r'memory required for HLO temporaries \(([0-9.]+)G\) exceeds')
@@ -64,7 +68,7 @@ def _report_without_executable(config, task, target, mesh, inputs, temporaries, 
 
   from vtp_jax import sharding
   args = sharding.abstract_bytes_per_device(inputs, jax.tree.map(lambda x: x.sharding, inputs))
-  analytic = task.step_flops(config, mesh)['total'] / mesh.devices.size
+  analytic, cache = _analytic_flops(config, task, mesh)
   compute = analytic / target.chip.peak_flops
   return {
       **_describe(config, task, target, mesh),
@@ -74,8 +78,7 @@ def _report_without_executable(config, task, target, mesh, inputs, temporaries, 
       'hbm_gib': target.chip.hbm_bytes / GIB,
       'fits': False,
       'compile_error': error[:300],
-      'flops_per_device': {'xla': None, 'analytic': analytic,
-                           'accum_cache': _cache_flops(config, task, mesh)},
+      'flops_per_device': {'xla': None, 'analytic': analytic, 'accum_cache': cache},
       'collectives': None,
       'compile_s': round(compile_s, 1),
       'bound_s': {'compute': compute},
@@ -140,7 +143,7 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
 
   n = mesh.devices.size
   chip = target.chip
-  analytic = task.step_flops(config, mesh)['total'] / n
+  analytic, cache = _analytic_flops(config, task, mesh)
   # XLA's cost analysis counts a loop body once; scanned blocks run it depth times. Its counts are
   # scaled by the ratio of the HLO's own FLOPs/bytes with and without loop iterations (1 unrolled).
   loops = hlo_stats.loop_aware_costs(hlo)
@@ -187,7 +190,7 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
       'hbm_gib': chip.hbm_bytes / GIB,
       'fits': peak <= hbm_fraction * chip.hbm_bytes,
       'flops_per_device': {'xla': flops, 'analytic': analytic, 'xla_loop_bodies_once': xla_flops,
-                           'accum_cache': _cache_flops(config, task, mesh)},
+                           'accum_cache': cache},
       'hbm_bytes_per_device': hbm_bytes,
       'cost_sources': sources,
       'collectives': {k: collectives[k] for k in hlo_stats.KINDS},

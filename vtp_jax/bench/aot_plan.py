@@ -45,7 +45,8 @@ def parse_meshes(text: str) -> list[tuple[int, int, int]]:
 
 def _batch_divides(config, mesh) -> bool:
   from vtp_jax import tasks
-  n = mesh[0] * mesh[1] * int(config.train.get('accum_steps', 1))
+  from vtp_jax import batch as batch_lib
+  n = mesh[0] * mesh[1] * batch_lib.accum_steps(config)
   return all(size % n == 0 for size in tasks.for_config(config).batch_sizes(config).values() if size)
 
 

@@ -6,12 +6,9 @@ B = data.batch_size, h = w = dit.input_size, C = dit.in_channels. Axis 0 is the 
 over ('data', 'fsdp') like the tokenizer's batch, with vtp_jax/batch.py's shape-generic helpers.
 """
 
-import math
-
 import numpy as np
 
 from vtp_jax import batch as batch_lib
-from vtp_jax import sharding
 
 BRANCH = 'dit'
 
@@ -28,7 +25,7 @@ def batch_shapes(config) -> dict:
 def check_divisible(config, mesh) -> None:
   batch_lib.check_rows_divide(batch_shapes(config), mesh)
   batch_lib.check_micro_batches({'generator batch (data.batch_size)': int(config.data.batch_size)},
-                                config, math.prod(mesh.shape[a] for a in sharding.BATCH_AXES))
+                                config, mesh)
 
 
 def batch_shardings(config, mesh) -> dict:

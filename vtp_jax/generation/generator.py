@@ -69,7 +69,7 @@ class Generator:
 
   @functools.cached_property
   def _devices(self) -> int:
-    return int(np.prod([self.mesh.shape[a] for a in sharding.BATCH_AXES]))
+    return sharding.batch_shards(self.mesh)
 
   def chunk_size(self) -> int:
     """sample.batch_size rounded up to a multiple of the batch-sharding device count."""

@@ -32,30 +32,28 @@ class GenStep:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     data = batch[gen_batch.BRANCH]
 
-    flow = dict(t_mu=float(c.flow.t_mu), t_sigma=float(c.flow.t_sigma),
-                null_class=int(d.num_classes), class_dropout=float(d.class_dropout))
+    # The whole batch's draws (noise, t, label dropout) first, so that micro-batches of
+    # train.accum_steps see the draws of the un-accumulated step; the flow loss is a mean over
+    # latents, so it accumulates plainly.
+    x0, t, y = transport.draw(key, data['latent'], data['label'], t_mu=float(c.flow.t_mu),
+                              t_sigma=float(c.flow.t_sigma), null_class=int(d.num_classes),
+                              class_dropout=float(d.class_dropout))
     k = accumulate.accum_steps(c)
+
+    def grads_of(xs, params=state.params):
+      x1, x0, t, y = xs
+      (loss, metrics), grads = jax.value_and_grad(transport.loss_at, argnums=1, has_aux=True)(
+          self.velocity, params, x1, x0, t, y, float(c.flow.cosine_weight))
+      return jax.tree.map(lambda g: g / k, grads), {'loss': loss, **metrics}
+
+    xs = (data['latent'], x0, t, y)
     if k == 1:
-      def loss_fn(params):
-        return transport.flow_loss(self.velocity, params, data['latent'], data['label'], key,
-                                   cosine_weight=float(c.flow.cosine_weight), **flow)
-
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      grads, metrics = grads_of(xs)
     else:
-      # The whole batch's draws, then plain accumulation: the flow loss is a mean over latents.
-      x0, t, y = transport.draw(key, data['latent'], data['label'], **flow)
-
-      def micro_grads(xs):
-        x1, x0, t, y = xs
-        (loss, metrics), grads = jax.value_and_grad(transport.loss_at, argnums=1, has_aux=True)(
-            self.velocity, state.params, x1, x0, t, y, float(c.flow.cosine_weight))
-        return jax.tree.map(lambda g: g / k, grads), {'loss': loss, **metrics}
-
       grads, stacked = accumulate.grads_and_stacked(
-          micro_grads, accumulate.zeros_like(state.params),
-          accumulate.split((data['latent'], x0, t, y), k))
+          grads_of, accumulate.zeros_like(state.params), accumulate.split(xs, k))
       metrics = accumulate.mean_metrics(stacked)
-      loss = metrics.pop('loss')
+    loss = metrics.pop('loss')
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = float(c.flow.ema_decay)

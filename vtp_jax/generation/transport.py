@@ -72,10 +72,3 @@ def loss_at(apply_fn, params, x1, x0, t, y, cosine_weight: float):
   loss = jnp.mean(mse) + cosine_weight * jnp.mean(cos)
   return loss, {'mse': jnp.mean(mse), 'cos_loss': jnp.mean(cos), 't_mean': jnp.mean(t)}
 
-
-def flow_loss(apply_fn, params, x1, labels, key, *, t_mu: float, t_sigma: float,
-              cosine_weight: float, null_class: int, class_dropout: float):
-  """(loss, metrics) of one batch of normalised latents x1 (B, h, w, C) and labels (B,)."""
-  x0, t, y = draw(key, x1, labels, t_mu=t_mu, t_sigma=t_sigma, null_class=null_class,
-                  class_dropout=class_dropout)
-  return loss_at(apply_fn, params, x1, x0, t, y, cosine_weight)

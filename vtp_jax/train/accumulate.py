@@ -20,8 +20,6 @@ Random draws (drop path, RoPE jitter) are made per micro-batch, the same in both
 with those on the update equals the un-accumulated one in distribution, not bit for bit.
 """
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,24 +30,14 @@ from vtp_jax import sharding
 accum_steps = batch_lib.accum_steps
 
 
-def _batch_shards() -> int:
-  """Batch shards of the mesh the step is traced under (1 outside any mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  return math.prod(dict(mesh.shape).get(a, 1) for a in sharding.BATCH_AXES)
-
-
 def split(tree, k: int):
   """Each leaf (B, ...) -> (k, B / k, ...). Device d's rows [d n, (d + 1) n) give micro-batch m
   its rows [d n + m n / k, d n + (m + 1) n / k), so every micro-batch stays on its devices."""
-  shards = _batch_shards()
+  # The mesh the step is traced under; batch.check_micro_batches has checked that the rows split.
+  shards = sharding.batch_shards(jax.sharding.get_abstract_mesh())
 
   def one(x):
     rows = x.shape[0]
-    if rows % (shards * k):
-      raise ValueError(f'{rows} rows do not split into {k} micro-batches over {shards} batch '
-                       'shards (batch.check_micro_batches says which setting to change).')
     y = x.reshape((shards, k, rows // (shards * k)) + x.shape[1:])
     y = jnp.swapaxes(y, 0, 1).reshape((k, rows // k) + x.shape[1:])
     return nn.with_logical_constraint(y, (None, 'act_batch') + (None,) * (x.ndim - 1))

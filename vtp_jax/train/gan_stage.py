@@ -172,19 +172,19 @@ class GanStep:
     factor = losses.gan_start_factor(state.step, g.start_step)
     images = batch['rec']['image']
     k = accumulate.accum_steps(c)
-    if k == 1:
-      (grad_nll, grad_g, d_grads), metrics = self.gradients(params, disc_params, factor, images,
-                                                            frozen)
-    else:
-      # Every term is a mean over images, so plain accumulation; the adaptive weight then comes
-      # from the whole batch's last-layer gradients, as at k = 1.
-      def micro(x):
-        grads, metrics = self.gradients(params, disc_params, factor, x, frozen)
-        return jax.tree.map(lambda t: t / k, grads), metrics
 
+    # Every term is a mean over images, so train.accum_steps accumulates plainly; the adaptive
+    # weight then comes from the whole batch's last-layer gradients, as at k = 1.
+    def grads_of(x):
+      grads, metrics = self.gradients(params, disc_params, factor, x, frozen)
+      return jax.tree.map(lambda t: t / k, grads), metrics
+
+    if k == 1:
+      (grad_nll, grad_g, d_grads), metrics = grads_of(images)
+    else:
       zeros = accumulate.zeros_like((params['decoder'], params['decoder'], disc_params))
       (grad_nll, grad_g, d_grads), stacked = accumulate.grads_and_stacked(
-          micro, zeros, accumulate.split(images, k))
+          grads_of, zeros, accumulate.split(images, k))
       metrics = accumulate.mean_metrics(stacked)
     last = lambda t: t['proj_out']['kernel']  # noqa: E731  (the decoder's last layer, as LDM)
     weight = g.disc_weight * losses.adaptive_weight(
