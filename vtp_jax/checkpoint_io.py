@@ -59,6 +59,10 @@ def _advice(folder: pathlib.Path) -> str:
   return 'restore it from a copy (or re-create it)'
 
 
+_TENSORSTORE_READ_ERROR = re.compile(r'Error (?:reading|writing) "([^"]+)" in OCDBT database at '
+                                     r'[^"]*"[^"]*": (.*)')
+
+
 def short_cause(error: BaseException, limit: int = 200) -> str:
   """The innermost error of a chain as 'Class: first line', TensorStore's wording shortened to the
   array and the reason, at most `limit` characters."""
@@ -71,8 +75,7 @@ def short_cause(error: BaseException, limit: int = 200) -> str:
     error = inner
   lines = str(error).strip().splitlines()
   text = lines[0] if lines else ''
-  m = re.search(r'Error (?:reading|writing) "([^"]+)" in OCDBT database at [^"]*"[^"]*": (.*)',
-                text)
+  m = _TENSORSTORE_READ_ERROR.search(text)
   if m:  # the array (and chunk) and the innermost reason, without the data files' paths
     reason = m.group(2).rsplit('": ', 1)[-1]  # after the last quoted path
     text = f'{m.group(1)}: {reason}'
@@ -87,9 +90,12 @@ class _DropFailedReadNoise(logging.Filter):
 
 def _is_read_noise(exc) -> bool:
   """What a failed Orbax read leaves behind once its error was raised: the other array reads'
-  errors (never retrieved) and TensorStore callbacks into the closed event loop."""
+  errors (never retrieved; wrapped by Orbax, or TensorStore's own when they fail before Orbax
+  wraps them, which a loaded host makes likely) and TensorStore callbacks into the closed event
+  loop."""
   text = str(exc)
   return (text.startswith('Encountered error while reading array index')
+          or _TENSORSTORE_READ_ERROR.search(text) is not None
           or (isinstance(exc, RuntimeError) and text == 'Event loop is closed'))
 
 
