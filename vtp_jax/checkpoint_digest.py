@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 
 ITEM = 'digest'
 ALGORITHM = 'sha256'  # hardware-accelerated on x86 (SHA-NI) and Arm; docs/checkpoints.md
-_THREADS = min(8, os.cpu_count() or 1)
+HASH_THREADS = min(8, os.cpu_count() or 1)
 
 
 def file_name(process_index: int, process_count: int) -> str:
@@ -105,9 +105,9 @@ def host_shards(tree) -> list[HostShard]:
 
 
 def _hash_all(arrays: list[np.ndarray]) -> list[str]:
-  if len(arrays) < 2 or _THREADS == 1:
+  if len(arrays) < 2 or HASH_THREADS == 1:
     return [hexdigest(a) for a in arrays]
-  with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
+  with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
     return list(pool.map(hexdigest, arrays))
 
 

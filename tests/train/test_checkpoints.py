@@ -96,6 +96,23 @@ def test_saved_on_2x2x2_restores_onto_1x8x1_and_one_device_checked_by_its_digest
   ckpts.close()
 
 
+def test_a_step_saved_without_digests_has_no_digest_item_and_reads_unchecked(tmp_path):
+  """What `bench.checkpoint` compares against: `digests=False` writes the step as it was before
+  digests existed, and such a step restores without a check."""
+  from vtp_jax import checkpoint_digest
+  config = micro_config()
+  state, _ = _placed_state(config, _mesh(1, 2, 1, n=2))
+  for digests in (False, True):
+    ckpts = checkpoints.Checkpoints(tmp_path / str(digests), keep=1, digests=digests)
+    ckpts.save(3, state, None, config)
+    ckpts.wait()
+    step_dir = ckpts.root / '3'
+    assert checkpoint_digest.saved_with_digests(step_dir) is digests
+    assert (step_dir / checkpoint_digest.ITEM).exists() is digests
+    _assert_equal(ckpts.restore(3, _target_on(state, _mesh(1, 2, 1, n=2))), _host(state))
+    ckpts.close()
+
+
 def test_workdir_reads_as_a_checkpoint_folder_and_ignores_half_written_steps(tmp_path):
   config = micro_config()
   state, _ = _placed_state(config, _mesh(1, 1, 1, n=1))

@@ -36,3 +36,15 @@ def compile_step(mesh, step, state, batch, frozen):
       return compiled(state, batch, frozen)
 
   return compiled, run
+
+
+def warmed_up_step(config):
+  """(mesh, compiled, run, state): `compile_step` for `config`'s real step, run once so that
+  first-run costs stay outside whatever is timed or traced next."""
+  import jax
+
+  mesh, state, step, batch, frozen = build_step(config)
+  compiled, run = compile_step(mesh, step, state, batch, frozen)
+  state, metrics = run(state)
+  jax.block_until_ready(metrics)
+  return mesh, compiled, run, state

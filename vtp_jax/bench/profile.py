@@ -100,11 +100,7 @@ def main(argv):
 
   from vtp_jax.bench import common
 
-  config = _CONFIG.value
-  mesh, state, step, batch, frozen = common.build_step(config)
-  compiled, run = common.compile_step(mesh, step, state, batch, frozen)
-  state, metrics = run(state)  # warm-up: first-run costs stay outside the trace
-  jax.block_until_ready(metrics)
+  _, compiled, run, state = common.warmed_up_step(_CONFIG.value)
 
   with tempfile.TemporaryDirectory() as scratch:
     trace_dir = pathlib.Path(FLAGS.trace_dir or scratch)

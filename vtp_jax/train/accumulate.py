@@ -5,7 +5,7 @@ loss, same gradient, same teacher targets and centre updates (docs/scaling.md, '
 accumulation'). Micro-batch m holds the m-th k-th of every device's rows, so no row changes device.
 
 Losses that are means over images (DINO, iBOT against fixed targets, L1 + LPIPS, the generator's
-flow loss, the GAN terms) accumulate plainly: the mean of the micro-batches' gradients. Losses that
+flow loss) accumulate plainly: the mean of the micro-batches' gradients. Losses that
 couple the whole batch take GradCache's route (OpenCLIP `--accum-freq`):
   1. a pass without gradient over every micro-batch caches what couples them: the CLIP image and
      text embeddings, the student's global-crop CLS features (KoLeo's neighbours) and the teacher's
@@ -16,6 +16,8 @@ couple the whole batch take GradCache's route (OpenCLIP `--accum-freq`):
      loss's gradient for them (a vector-Jacobian product), beside the plain losses.
 The repeated forwards (CLIP image and text towers, the student on the global crops when KoLeo is
 on) are what caching costs; `train/flops.py` counts them as 'accum_cache'.
+The GAN stage (train/gan_stage.py) takes the same route for its discriminator, whose batch norm
+couples the images; the decoder's forward is what it repeats.
 Random draws (drop path, RoPE jitter) are made per micro-batch, the same in both passes of it, so
 with those on the update equals the un-accumulated one in distribution, not bit for bit.
 """
@@ -41,6 +43,20 @@ def split(tree, k: int):
     y = x.reshape((shards, k, rows // (shards * k)) + x.shape[1:])
     y = jnp.swapaxes(y, 0, 1).reshape((k, rows // k) + x.shape[1:])
     return nn.with_logical_constraint(y, (None, 'act_batch') + (None,) * (x.ndim - 1))
+
+  return jax.tree.map(one, tree)
+
+
+def merge(tree):
+  """`split`'s inverse: each leaf (k, B / k, ...) -> (B, ...) in the batch's own row order, every
+  row back on the device it came from."""
+  shards = sharding.batch_shards(jax.sharding.get_abstract_mesh())
+
+  def one(y):
+    k, rows = y.shape[0], y.shape[0] * y.shape[1]
+    x = jnp.swapaxes(y.reshape((k, shards, rows // (shards * k)) + y.shape[2:]), 0, 1)
+    return nn.with_logical_constraint(x.reshape((rows,) + y.shape[2:]),
+                                      ('act_batch',) + (None,) * (y.ndim - 2))
 
   return jax.tree.map(one, tree)
 

@@ -107,7 +107,10 @@ class Checkpoints:
   """Async saves of (state, data iterator, config, digests) every N steps, keep K, resume the
   newest that reads."""
 
-  def __init__(self, workdir, keep: int):
+  def __init__(self, workdir, keep: int, digests: bool = True):
+    """`digests=False` saves steps without the digest item, which then read unchecked (as steps
+    saved before digests existed do); only `bench.checkpoint` turns them off, to measure them."""
+    self.digests = digests
     self.root = checkpoint_io.checkpoint_root(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=True, create=True,
@@ -137,9 +140,11 @@ class Checkpoints:
     self.check_save(wait=True)
     config_json = checkpoint_io.config_to_dict(config)
     text = _iterator_state_text(data_iter) if data_iter is not None else None
-    args = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_json),
-            DIGEST: checkpoint_digest.DigestSave(checkpoint_digest.host_shards(state), text,
-                                                 config_json if jax.process_index() == 0 else None)}
+    args = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_json)}
+    if self.digests:
+      args[DIGEST] = checkpoint_digest.DigestSave(
+          checkpoint_digest.host_shards(state), text,
+          config_json if jax.process_index() == 0 else None)
     if text is not None:
       args[DATA_ITER] = _IteratorStateSave(text)
     try:

@@ -78,7 +78,9 @@ def patch_discriminator_forward(config, image_side: int) -> float:
 def gan_stage_flops(config) -> dict:
   """{'rec', 'disc', 'total'} of one decoder GAN-stage step (train/gan_stage.py): the frozen encoder
   runs forward only, the decoder trains (3x), LPIPS and the generator's discriminator term
-  back-propagate to the image (2x each), the discriminator trains on real and fake images (3x)."""
+  back-propagate to the image (2x each), the discriminator trains on real and fake images (3x).
+  Under `train.accum_steps > 1`, 'accum_cache' (beside 'total', as in `step_flops`) is the
+  decoder forward the cache pass repeats."""
   d = config.data
   _, _, b_rec = batch_lib.sub_batch_sizes(config)
   side = d.image_size
@@ -87,7 +89,10 @@ def gan_stage_flops(config) -> dict:
                  (2 * vgg16_forward(side) if config.loss.lpips_weight else 0.0))
   disc_pass = patch_discriminator_forward(config, side)
   disc = b_rec * (2 * disc_pass + 2 * 3 * disc_pass)
-  return {'rec': rec, 'disc': disc, 'total': rec + disc}
+  out = {'rec': rec, 'disc': disc, 'total': rec + disc}
+  if batch_lib.accum_steps(config) > 1:
+    out['accum_cache'] = b_rec * decoder_forward(config, side)
+  return out
 
 
 def step_flops(config, mesh=None) -> dict:

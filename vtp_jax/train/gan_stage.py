@@ -10,6 +10,9 @@ with f the start factor (0 before `gan.start_step`) and w the adaptive weight
 ||grad_last L_nll|| / ||grad_last g_loss|| at the decoder's last layer. The decoder's gradient is
 linear in the cotangent its output receives, so both last-layer gradients and the full update come
 from one decoder forward and two applications of its VJP, never from a second forward pass.
+Under `train.accum_steps > 1` the discriminator still sees the whole batch (its batch norm
+couples the images) and the decoder runs per micro-batch, its forward repeated once
+(`accumulated_gradients`).
 
 State: the same TrainState as stage 1. `params` holds the whole model (stage-1 weights arrive through
 `train.init_from`); `opt_state` covers `params['decoder']` only; `teacher` and `loss_state` are empty
@@ -127,31 +130,27 @@ class GanStep:
     self.disc_tx = disc_optimizer(config)
     self.d_loss_fn, self.g_loss_fn = _LOSSES[config.gan.loss]
 
-  def gradients(self, params, disc_params, factor, images, frozen):
-    """Of one batch of images: the decoder's gradients of the NLL and of the generator's GAN term,
-    the discriminator's gradient, and the batch's metrics (each a mean over images)."""
-    c, m = self.config, self.model
+  def encode(self, params, images):
+    """(target, latents): the images in model space and the frozen tokenizer's latents of them (no
+    gradient reaches the encoder or bottleneck, and no drop path)."""
+    m = self.model
     target = pixels.normalize_on_device(images)
-    # The frozen tokenizer: no gradient reaches the encoder or bottleneck, and no drop path.
-    latents = jax.lax.stop_gradient(
-        m.apply({'params': params}, target, method=m.latents))
+    return target, jax.lax.stop_gradient(m.apply({'params': params}, target, method=m.latents))
 
-    def decode(decoder_params):
-      return m.apply({'params': {**params, 'decoder': decoder_params}}, latents, method=m.decode)
+  def decoder_fn(self, params, latents):
+    m = self.model
+    return lambda decoder: m.apply({'params': {**params, 'decoder': decoder}}, latents,
+                                   method=m.decode)
 
-    pred, decoder_vjp = jax.vjp(decode, params['decoder'])
-
-    def nll_fn(x):
-      return losses.reconstruction_loss(x, target, frozen.get('lpips'), c.loss.l1_weight,
-                                        c.loss.lpips_weight, c.loss.l1_space)
-
+  def discriminator_terms(self, disc_params, factor, target, pred):
+    """Over one batch of real and reconstructed images: the generator GAN term's gradient for the
+    reconstructions, the discriminator's gradient, and their metrics. The discriminator's batch
+    norm takes its statistics over what it is given, so the accumulated step gives it the whole
+    batch."""
     def g_fn(x):
       return self.g_loss_fn(self.disc.apply({'params': disc_params}, _to_lpips_range(x)))
 
-    (nll, rec_metrics), d_nll = jax.value_and_grad(nll_fn, has_aux=True)(pred)
     g_loss, d_g = jax.value_and_grad(g_fn)(pred)
-    (grad_nll,), (grad_g,) = decoder_vjp(d_nll), decoder_vjp(d_g)
-
     real = _to_lpips_range(target)
     fake = jax.lax.stop_gradient(_to_lpips_range(pred))
 
@@ -162,9 +161,59 @@ class GanStep:
 
     (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(d_fn, has_aux=True)(
         disc_params)
-    metrics = dict(rec=nll, **rec_metrics, g_loss=g_loss, d_loss=d_loss,
-                   logits_real=jnp.mean(logits_real), logits_fake=jnp.mean(logits_fake))
-    return (grad_nll, grad_g, d_grads), metrics
+    metrics = dict(g_loss=g_loss, d_loss=d_loss, logits_real=jnp.mean(logits_real),
+                   logits_fake=jnp.mean(logits_fake))
+    return d_g, d_grads, metrics
+
+  def nll(self, pred, target, frozen):
+    """(L1 + LPIPS of the batch, its metrics), and its gradient for the reconstructions."""
+    c = self.config
+
+    def nll_fn(x):
+      return losses.reconstruction_loss(x, target, frozen.get('lpips'), c.loss.l1_weight,
+                                        c.loss.lpips_weight, c.loss.l1_space)
+
+    (nll, rec_metrics), d_nll = jax.value_and_grad(nll_fn, has_aux=True)(pred)
+    return dict(rec=nll, **rec_metrics), d_nll
+
+  def gradients(self, params, disc_params, factor, images, frozen):
+    """The decoder's gradients of the NLL and of the generator's GAN term, the discriminator's
+    gradient, and the metrics (each a mean over images), from one decoder forward."""
+    target, latents = self.encode(params, images)
+    pred, decoder_vjp = jax.vjp(self.decoder_fn(params, latents), params['decoder'])
+    d_g, d_grads, metrics = self.discriminator_terms(disc_params, factor, target, pred)
+    rec_metrics, d_nll = self.nll(pred, target, frozen)
+    (grad_nll,), (grad_g,) = decoder_vjp(d_nll), decoder_vjp(d_g)
+    return (grad_nll, grad_g, d_grads), {**rec_metrics, **metrics}
+
+  def accumulated_gradients(self, params, disc_params, factor, images, frozen, k):
+    """`gradients` over k micro-batches (GradCache for the discriminator, docs/scaling.md,
+    'Gradient accumulation'): a pass without gradient caches every micro-batch's latents and
+    reconstruction; the discriminator runs once over the whole batch (its batch statistics couple
+    the images), giving the GAN term's gradient for each reconstruction; each micro-batch's decoder
+    then runs again, its VJP taking that cached cotangent and the NLL's."""
+    def cache_pass(_, x):
+      _, latents = self.encode(params, x)
+      return None, jax.lax.stop_gradient((latents, self.decoder_fn(params, latents)(
+          params['decoder'])))
+
+    _, (latents, preds) = jax.lax.scan(cache_pass, None, accumulate.split(images, k))
+    target = pixels.normalize_on_device(images)
+    d_g, d_grads, gan_metrics = self.discriminator_terms(disc_params, factor, target,
+                                                         accumulate.merge(preds))
+
+    def micro_grads(xs):
+      x, z, cotangent = xs
+      target = pixels.normalize_on_device(x)
+      pred, decoder_vjp = jax.vjp(self.decoder_fn(params, z), params['decoder'])
+      rec_metrics, d_nll = self.nll(pred, target, frozen)
+      (grad_nll,), (grad_g,) = decoder_vjp(d_nll), decoder_vjp(cotangent)
+      return (jax.tree.map(lambda t: t / k, grad_nll), grad_g), rec_metrics
+
+    zeros = accumulate.zeros_like((params['decoder'], params['decoder']))
+    (grad_nll, grad_g), stacked = accumulate.grads_and_stacked(
+        micro_grads, zeros, (accumulate.split(images, k), latents, accumulate.split(d_g, k)))
+    return (grad_nll, grad_g, d_grads), {**accumulate.mean_metrics(stacked), **gan_metrics}
 
   def __call__(self, state, batch, frozen):
     c, g = self.config, self.config.gan
@@ -172,20 +221,13 @@ class GanStep:
     factor = losses.gan_start_factor(state.step, g.start_step)
     images = batch['rec']['image']
     k = accumulate.accum_steps(c)
-
-    # Every term is a mean over images, so train.accum_steps accumulates plainly; the adaptive
-    # weight then comes from the whole batch's last-layer gradients, as at k = 1.
-    def grads_of(x):
-      grads, metrics = self.gradients(params, disc_params, factor, x, frozen)
-      return jax.tree.map(lambda t: t / k, grads), metrics
-
     if k == 1:
-      (grad_nll, grad_g, d_grads), metrics = grads_of(images)
+      (grad_nll, grad_g, d_grads), metrics = self.gradients(params, disc_params, factor, images,
+                                                            frozen)
     else:
-      zeros = accumulate.zeros_like((params['decoder'], params['decoder'], disc_params))
-      (grad_nll, grad_g, d_grads), stacked = accumulate.grads_and_stacked(
-          grads_of, zeros, accumulate.split(images, k))
-      metrics = accumulate.mean_metrics(stacked)
+      (grad_nll, grad_g, d_grads), metrics = self.accumulated_gradients(
+          params, disc_params, factor, images, frozen, k)
+    # The adaptive weight from the whole batch's last-layer gradients, at every k.
     last = lambda t: t['proj_out']['kernel']  # noqa: E731  (the decoder's last layer, as LDM)
     weight = g.disc_weight * losses.adaptive_weight(
         jnp.linalg.norm(last(grad_nll)), jnp.linalg.norm(last(grad_g)), g.max_adaptive_weight)
