@@ -52,9 +52,9 @@ def check_micro_batches(sizes: dict, config, mesh) -> None:
   """Each {name: global rows} splits into `train.accum_steps` micro-batches that themselves split
   over the mesh's batch shards, at least one row a device."""
   k = accum_steps(config)
-  n_shards = sharding.batch_shards(mesh)
   if k == 1:
     return
+  n_shards = sharding.batch_shards(mesh)
   for name, size in sizes.items():
     if not size:
       continue

@@ -5,8 +5,8 @@ loss, same gradient, same teacher targets and centre updates (docs/scaling.md, '
 accumulation'). Micro-batch m holds the m-th k-th of every device's rows, so no row changes device.
 
 Losses that are means over images (DINO, iBOT against fixed targets, L1 + LPIPS, the generator's
-flow loss) accumulate plainly: the mean of the micro-batches' gradients. Losses that
-couple the whole batch take GradCache's route (OpenCLIP `--accum-freq`):
+flow loss) accumulate plainly: the mean of the micro-batches' gradients. Losses that couple the
+whole batch take GradCache's route (OpenCLIP `--accum-freq`):
   1. a pass without gradient over every micro-batch caches what couples them: the CLIP image and
      text embeddings, the student's global-crop CLS features (KoLeo's neighbours) and the teacher's
      logits;

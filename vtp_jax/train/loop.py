@@ -28,6 +28,7 @@ from vtp_jax.data import device
 from vtp_jax.train import checkpoints
 from vtp_jax.train import in_flight
 from vtp_jax.train import metrics as metrics_lib
+from vtp_jax.train import preemption as preemption_lib
 # Raised from the loop; callers (launch/main.py, tests) catch them as loop.NonFiniteLoss,
 # loop.CheckpointUnreadable (no checkpoint of the workdir reads) and loop.SaveFailed.
 from vtp_jax.checkpoint_io import CheckpointUnreadable  # noqa: F401
@@ -229,7 +230,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   frozen = jax.device_put(task.frozen_inputs(config), sharding.replicated(mesh))
   compiled = compile_step(step_fn, state, task.abstract_batch(config, mesh), mesh, frozen)
 
-  preemption = checkpoints.Preemption()
+  preemption = preemption_lib.Preemption()
   acc, skips = metrics_lib.Accumulator(), metrics_lib.SkipCounter()
   writer = metrics_lib.Writer(workdir, enabled=pi == 0)
   step_flops = task.step_flops(config, mesh)['total']
@@ -240,7 +241,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   # This invocation may stop early (train.stop_after_steps, e.g. a job time limit); it saves there.
   end = min(total, start + int(t.stop_after_steps)) if int(t.stop_after_steps) > 0 else total
   dispatched, skipped_updates = in_flight.InFlight(t.max_steps_ahead), 0
-  kill_after = checkpoints.kill_switch_for_tests()
+  kill_after = preemption_lib.kill_switch_for_tests()
   summary = {'start_step': start, 'preempted': False}
   window_start, window_step = time.perf_counter(), step
 
