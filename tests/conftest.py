@@ -11,6 +11,8 @@ import pathlib
 import shutil
 import tempfile
 
+import gcs_server
+
 # LLVM at -O0 for every program the tests compile, in process and in the launch/main.py
 # subprocesses: the suite is compile-bound (micro models whose steps take milliseconds), and -O0
 # compiles the train step about 40% faster (it took a quarter off the whole suite; see
@@ -26,6 +28,11 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The AOT tests load libtpu in each pytest-xdist worker; it takes a lock file unless told not to.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+# Every GCS client this process and its subprocesses start talks to a local server only
+# (tests/gcs_server.py): set before anything imports fsspec, which reads its settings at import.
+# Each pytest-xdist worker picks its own port; the server starts on first use (the `gcs` fixture).
+os.environ.update(gcs_server.environment(gcs_server.free_port()))
 
 # One persistent XLA compilation cache per pytest run, which the pytest-xdist workers and the
 # launch/main.py subprocesses inherit through the environment (the controller process imports this
@@ -68,6 +75,15 @@ def pytest_collection_modifyitems(config, items):
   running them alone at the end; first, they overlap and the short tests fill the gaps."""
   del config
   items.sort(key=lambda item: item.get_closest_marker('heavy') is None)  # stable sort
+
+
+@pytest.fixture(scope='session')
+def gcs():
+  """The local GCS server of this test process (tests/gcs_server.py); `gcs.bucket(name)` makes a
+  bucket and returns 'gs://name'."""
+  server = gcs_server.Server(gcs_server.port_from_environment()).start()
+  yield server
+  server.stop()
 
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / 'shared'

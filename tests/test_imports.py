@@ -18,10 +18,10 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'vtp_jax'
 # This table is the one statement of the order; the README's map describes it.
 LAYERS = (
     ('foundation', ('vtp_jax.host_malloc', 'vtp_jax.compiler_options', 'vtp_jax.sharding',
-                    'vtp_jax.pixels', 'vtp_jax.checkpoint_io', 'vtp_jax.checkpoint_digest',
-                    'vtp_jax.kernels')),
+                    'vtp_jax.pixels', 'vtp_jax.paths', 'vtp_jax.kernels')),
     ('models and losses', ('vtp_jax.models', 'vtp_jax.losses')),
     ('batch and data', ('vtp_jax.batch', 'vtp_jax.data')),
+    ('checkpoints', ('vtp_jax.checkpoints',)),
     ('released-model API', ('vtp_jax.inference',)),
     ('tokenizer training', ('vtp_jax.train',)),
     ('evaluation and tools', ('vtp_jax.eval', 'vtp_jax.tools')),

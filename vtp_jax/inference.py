@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from vtp_jax.models import layout
 from vtp_jax.models import vtp
 from vtp_jax.pixels import IMAGENET_MEAN, IMAGENET_STD, to_model_space, to_uint8  # noqa: F401
-from vtp_jax import checkpoint_io
+from vtp_jax import checkpoints
 
 def _l2_normalize(x):
   x = x.astype(jnp.float32)
@@ -44,10 +44,10 @@ class Tokenizer:
     `compute_dtype` overrides the training precision: float32 (default) matches the reference
     implementation to float32 rounding; 'bfloat16' is faster on accelerators.
     """
-    path = checkpoint_io.resolve(path)
-    config = checkpoint_io.load_config(path)
+    path = checkpoints.resolve(path)
+    config = checkpoints.load_config(path)
     config.precision.compute_dtype = compute_dtype
-    return cls(config, checkpoint_io.load_item(path, 'params'), batch_size)
+    return cls(config, checkpoints.load_item(path, 'params'), batch_size)
 
   @functools.cached_property
   def _fns(self):

@@ -10,14 +10,14 @@ from PIL import Image
 from conftest import micro_config as tokenizer_micro_config
 from gen_util import micro_config, write_latents
 from vtp_jax import tasks
-from vtp_jax import checkpoint_io
+from vtp_jax import checkpoints
 from vtp_jax import pixels
 from vtp_jax import sharding
 from vtp_jax.generation import sample
 from vtp_jax.generation.generator import Generator
 from vtp_jax.inference import Tokenizer
 from vtp_jax.models import vtp
-from vtp_jax.train import checkpoints as train_checkpoints
+from vtp_jax.checkpoints import manager
 from vtp_jax.train import state as state_lib
 
 
@@ -30,7 +30,7 @@ def checkpoints(tmp_path_factory):
   config.latents.source = f'arrayrecord:{root}/latents/latents-*.array_record'
   mesh = sharding.make_mesh(config.mesh)
   state, _, _ = tasks.for_config(config).create_state(config, mesh)
-  ckpts = train_checkpoints.Checkpoints(root / 'gen', 1)
+  ckpts = manager.Checkpoints(root / 'gen', 1)
   ckpts.save(0, state, None, config)
   ckpts.close()
   tok_config = tokenizer_micro_config()  # 32 px images -> 2 x 2 x 8 latents, as the generator's
@@ -38,7 +38,7 @@ def checkpoints(tmp_path_factory):
   images, tokens = state_lib._init_inputs(tok_config)
   params = jax.jit(lambda k: nn.unbox(model.init({'params': k}, images, tokens)['params']))(
       jax.random.key(0))
-  checkpoint_io.save_params(root / 'tok', tok_config, params)
+  checkpoints.save_params(root / 'tok', tok_config, params)
   return root / 'gen', root / 'tok', stats
 
 

@@ -12,7 +12,7 @@ from conftest import assert_abstract_state_describes
 from gen_util import micro_config, write_latents
 from vtp_jax import tasks
 from vtp_jax import batch as batch_lib
-from vtp_jax import checkpoint_io
+from vtp_jax import checkpoints
 from vtp_jax import sharding
 from vtp_jax.generation import data as gen_data
 from vtp_jax.train import loop
@@ -104,8 +104,8 @@ def test_driver_trains_checkpoints_and_resumes_to_the_same_weights(latents, tmp_
   assert summary['start_step'] == 3 and summary['step'] == 6
   rows = [json.loads(line) for line in (straight / 'metrics.jsonl').read_text().splitlines()]
   assert {'loss', 'mse', 'cos_loss', 'grad_norm'} <= set(rows[-1])
-  a = checkpoint_io.load_item(straight, 'ema')
-  b = checkpoint_io.load_item(resumed, 'ema')
+  a = checkpoints.load_item(straight, 'ema')
+  b = checkpoints.load_item(resumed, 'ema')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -16,7 +16,7 @@ from vtp_jax.eval import data as eval_data
 from vtp_jax.inference import Tokenizer
 from vtp_jax.models import vtp
 from vtp_jax.tools import export_latents
-from vtp_jax import checkpoint_io
+from vtp_jax import checkpoints
 
 
 def _png(array) -> bytes:
@@ -33,7 +33,7 @@ def _saved_micro_tokenizer(path):
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
                         shapes['params'])
-  checkpoint_io.save_params(path, config, params)
+  checkpoints.save_params(path, config, params)
   return Tokenizer.load(path)
 
 

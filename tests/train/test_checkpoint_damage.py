@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import FAST_COMPILE, MICRO_CONFIG
-from vtp_jax import checkpoint_io
+from vtp_jax import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ RUN_SCRIPT = '''
 import errno, json, os, re, shutil, sys
 sys.path[:0] = [{repo!r}, {config_dir!r}]
 import damage_micro
-from vtp_jax import checkpoint_digest
+from vtp_jax.checkpoints import digest as checkpoint_digest
 from vtp_jax.train import loop
 
 write = checkpoint_digest._write_text
@@ -202,7 +202,7 @@ def reruns(run_env, reference, tmp_path_factory):
 
 
 def _params(path):
-  return jax.tree.map(np.asarray, checkpoint_io.load_item(path, 'params'))
+  return jax.tree.map(np.asarray, checkpoints.load_item(path, 'params'))
 
 
 def _assert_bit_identical(a, b):
@@ -285,7 +285,7 @@ def test_a_save_into_a_full_volume_is_one_line_keeps_the_step_before_and_the_rer
                       failed['error']), failed['error']
   assert 'Traceback' not in logs['full'], logs['full'][-3000:]
   full = root / 'full' / 'checkpoints'
-  assert checkpoint_io.latest_step_dir(root / 'full') == full / '4'  # 6 never became a step
+  assert checkpoints.latest_step_dir(root / 'full') == full / '4'  # 6 never became a step
   _assert_bit_identical(_params(reference / 'checkpoints' / '4'), _params(full / '4'))
   assert results['freed']['summary']['start_step'] == 4, (mounted, logs['freed'][-3000:])
   assert results['freed']['summary']['step'] == 8
@@ -304,9 +304,9 @@ def test_init_from_and_the_tools_name_a_damaged_folder_in_one_line(reruns, tmp_p
   work = tmp_path / 'work'  # a workdir whose newest step is the damaged one
   shutil.copytree(root / 'random_bytes' / 'checkpoints' / '6', work / 'checkpoints' / '6')
   shutil.copytree(source, work / 'checkpoints' / '8')
-  for load in (lambda: checkpoint_io.load_item(work, 'params'), lambda: Tokenizer.load(work),
+  for load in (lambda: checkpoints.load_item(work, 'params'), lambda: Tokenizer.load(work),
                lambda: export_reference.export_reference(work, tmp_path / 'exported')):
-    with pytest.raises(checkpoint_io.CheckpointUnreadable) as error:
+    with pytest.raises(checkpoints.CheckpointUnreadable) as error:
       load()
     message = str(error.value)
     assert re.fullmatch(rf'{re.escape(str(work))}/checkpoints/8: state/params cannot be read '
@@ -314,7 +314,7 @@ def test_init_from_and_the_tools_name_a_damaged_folder_in_one_line(reruns, tmp_p
                         rf'{re.escape(str(work))}/checkpoints/6\.', message), message
     assert 'TensorStore' not in message and len(message) < 600
   with pytest.raises(SystemExit) as exit_:
-    with checkpoint_io.report_unreadable():
+    with checkpoints.report_unreadable():
       Tokenizer.load(work)
   assert exit_.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()

@@ -18,8 +18,9 @@ from jax.sharding import NamedSharding
 from conftest import micro_config
 from vtp_jax import sharding
 from vtp_jax.models import layout
-from vtp_jax import checkpoint_io
-from vtp_jax.train import checkpoints
+from vtp_jax import checkpoints
+from vtp_jax.checkpoints import init_from as init_from_lib
+from vtp_jax.checkpoints import manager
 from vtp_jax.train import state as state_lib
 
 
@@ -65,7 +66,7 @@ def test_saved_on_2x2x2_restores_onto_1x8x1_and_one_device_checked_by_its_digest
   config = micro_config()
   state, _ = _placed_state(config, _mesh(2, 2, 2))
   expected = _host(state)
-  ckpts = checkpoints.Checkpoints(tmp_path, keep=2)
+  ckpts = manager.Checkpoints(tmp_path, keep=2)
   ckpts.save(7, state, None, config)
   ckpts.wait()
   for mesh in (_mesh(1, 8, 1), _mesh(1, 1, 1, n=1)):
@@ -89,7 +90,7 @@ def test_saved_on_2x2x2_restores_onto_1x8x1_and_one_device_checked_by_its_digest
   regions[region] = ('0' if regions[region][0] != '0' else '1') + regions[region][1:]
   file.write_text(json.dumps(record))
   for mesh in (_mesh(1, 8, 1), _mesh(1, 1, 1, n=1)):
-    with pytest.raises(checkpoint_io.CheckpointUnreadable,
+    with pytest.raises(checkpoints.CheckpointUnreadable,
                        match=r'/7: state cannot be read \(params\.encoder\.patch_embed\.kernel '
                              r'digest mismatch\)'):
       ckpts.restore(7, _target_on(state, mesh))
@@ -99,11 +100,11 @@ def test_saved_on_2x2x2_restores_onto_1x8x1_and_one_device_checked_by_its_digest
 def test_a_step_saved_without_digests_has_no_digest_item_and_reads_unchecked(tmp_path):
   """What `bench.checkpoint` compares against: `digests=False` writes the step as it was before
   digests existed, and such a step restores without a check."""
-  from vtp_jax import checkpoint_digest
+  from vtp_jax.checkpoints import digest as checkpoint_digest
   config = micro_config()
   state, _ = _placed_state(config, _mesh(1, 2, 1, n=2))
   for digests in (False, True):
-    ckpts = checkpoints.Checkpoints(tmp_path / str(digests), keep=1, digests=digests)
+    ckpts = manager.Checkpoints(tmp_path / str(digests), keep=1, digests=digests)
     ckpts.save(3, state, None, config)
     ckpts.wait()
     step_dir = ckpts.root / '3'
@@ -116,24 +117,24 @@ def test_a_step_saved_without_digests_has_no_digest_item_and_reads_unchecked(tmp
 def test_workdir_reads_as_a_checkpoint_folder_and_ignores_half_written_steps(tmp_path):
   config = micro_config()
   state, _ = _placed_state(config, _mesh(1, 1, 1, n=1))
-  ckpts = checkpoints.Checkpoints(tmp_path, keep=3)
+  ckpts = manager.Checkpoints(tmp_path, keep=3)
   ckpts.save(5, state, None, config)
   ckpts.close()
   # What a save killed mid-write leaves: Orbax's temporary folder, never renamed to "9".
   (tmp_path / 'checkpoints' / '9.orbax-checkpoint-tmp' / 'state').mkdir(parents=True)
-  assert checkpoint_io.latest_step_dir(tmp_path) == tmp_path / 'checkpoints' / '5'
-  assert checkpoint_io.resolve(tmp_path) == tmp_path / 'checkpoints' / '5'
-  assert checkpoint_io.load_config(tmp_path).model.encoder.width == config.model.encoder.width
-  _assert_equal(checkpoint_io.load_item(tmp_path, 'params'), state.params)
-  _assert_equal(checkpoint_io.load_item(tmp_path, 'teacher'), state.teacher)
-  assert checkpoint_io.has_item(tmp_path, 'teacher')
-  assert not checkpoint_io.has_item(tmp_path, 'disc')
+  assert checkpoints.latest_step_dir(tmp_path) == tmp_path / 'checkpoints' / '5'
+  assert checkpoints.resolve(tmp_path) == tmp_path / 'checkpoints' / '5'
+  assert checkpoints.load_config(tmp_path).model.encoder.width == config.model.encoder.width
+  _assert_equal(checkpoints.load_item(tmp_path, 'params'), state.params)
+  _assert_equal(checkpoints.load_item(tmp_path, 'teacher'), state.teacher)
+  assert checkpoints.has_item(tmp_path, 'teacher')
+  assert not checkpoints.has_item(tmp_path, 'disc')
   saved = json.loads((tmp_path / 'checkpoints' / '5' / 'config' / 'config.json').read_text())
   assert saved['model']['encoder']['width'] == config.model.encoder.width
   with pytest.raises(FileNotFoundError, match='no vtp-jax checkpoint'):
-    checkpoint_io.resolve(tmp_path / 'empty')
+    checkpoints.resolve(tmp_path / 'empty')
   # A new manager on the same workdir (a resumed run) deletes the leftover and sees step 5.
-  again = checkpoints.Checkpoints(tmp_path, keep=3)
+  again = manager.Checkpoints(tmp_path, keep=3)
   assert again.latest_step() == 5
   again.close()
   leftover = tmp_path / 'checkpoints' / '9.orbax-checkpoint-tmp'
@@ -151,8 +152,8 @@ def test_init_from_overwrites_present_params_and_keeps_init_for_missing(tmp_path
   fresh_host = _host(fresh)
   source = jax.tree.map(lambda x: x + 1.0, fresh_host.params)
   del source['text']  # a source without the text tower: it keeps its fresh init
-  checkpoint_io.save_params(tmp_path / 'src', config, layout.to_layout(source, scan_source))
-  out = checkpoints.init_from(tmp_path / 'src', fresh, shardings, config)
+  checkpoints.save_params(tmp_path / 'src', config, layout.to_layout(source, scan_source))
+  out = init_from_lib.init_from(tmp_path / 'src', fresh, shardings, config)
   params = _host(out.params)
   for key in ('encoder', 'decoder', 'dino_head', 'clip'):
     _assert_equal(params[key], source[key])
@@ -167,7 +168,7 @@ def test_init_from_overwrites_present_params_and_keeps_init_for_missing(tmp_path
 def test_init_from_with_nothing_matching_is_a_clear_error(tmp_path):
   config = micro_config()
   fresh, shardings = _placed_state(config, _mesh(1, 1, 1, n=1))
-  checkpoint_io.save_params(tmp_path / 'other', config,
+  checkpoints.save_params(tmp_path / 'other', config,
                          {'unrelated': {'w': np.zeros((3,), np.float32)}})
   with pytest.raises(ValueError, match='no parameter of .* matches this model'):
-    checkpoints.init_from(tmp_path / 'other', fresh, shardings, config)
+    init_from_lib.init_from(tmp_path / 'other', fresh, shardings, config)

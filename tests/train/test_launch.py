@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import FAST_COMPILE, MICRO_CONFIG
-from vtp_jax import checkpoint_io
+from vtp_jax import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH = REPO / 'launch'
@@ -54,12 +54,12 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(launch_env,
   assert '[0] ' in two.stdout and '[1] ' in two.stdout
   assert re.search(r'\[1\] .*Process 1 of 2; 1 local / 2 global devices', two.stdout)
   assert re.search(r"Mesh \{'data': 2, 'fsdp': 1, 'tensor': 1\}", two.stdout)
-  step_dir = checkpoint_io.checkpoint_root(work) / '4'
-  assert checkpoint_io.latest_step_dir(work) == step_dir
+  step_dir = checkpoints.checkpoint_root(work) / '4'
+  assert checkpoints.latest_step_dir(work) == step_dir
   # The Grain iterator state of each process is saved beside the (collectively written) state.
   assert {p.name for p in (step_dir / 'data_iter').glob('process_*.json')} == {
       'process_0-of-2.json', 'process_1-of-2.json'}
-  saved = jax.tree.map(np.asarray, checkpoint_io.load_item(step_dir, 'params'))
+  saved = jax.tree.map(np.asarray, checkpoints.load_item(step_dir, 'params'))
 
   one = subprocess.run(
       [sys.executable, str(LAUNCH / 'main.py'), f'--config={config_file}', f'--workdir={work}'],
@@ -71,8 +71,8 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(launch_env,
     assert "host malloc: GLIBC_TUNABLES='glibc.malloc.arena_max=1:" in one.stderr, one.stderr[-4000:]
   assert re.search(r'Resumed from .*/checkpoints/4\.', one.stderr), one.stderr[-4000:]
   assert 'no data-iterator state for 1 process' in one.stderr  # re-positioned, not restarted
-  assert checkpoint_io.latest_step_dir(work).name == '40'
-  final = jax.tree.map(np.asarray, checkpoint_io.load_item(work, 'params'))
+  assert checkpoints.latest_step_dir(work).name == '40'
+  final = jax.tree.map(np.asarray, checkpoints.load_item(work, 'params'))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(final))
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(saved),
                                                        jax.tree.leaves(final)))

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import FAST_COMPILE, MICRO_CONFIG, micro_config
-from vtp_jax import checkpoint_io
+from vtp_jax import checkpoints
 from vtp_jax import tasks
 from vtp_jax.train import loop
 
@@ -70,11 +70,11 @@ def _wait_for(proc, pattern, timeout=300):
 
 
 def _params(workdir):
-  return jax.tree.map(np.asarray, checkpoint_io.load_item(workdir, 'params'))
+  return jax.tree.map(np.asarray, checkpoints.load_item(workdir, 'params'))
 
 
 def _latest(workdir):
-  latest = checkpoint_io.latest_step_dir(workdir)
+  latest = checkpoints.latest_step_dir(workdir)
   return None if latest is None else int(latest.name)
 
 
@@ -180,7 +180,7 @@ def test_nan_policies_stop_keeps_the_last_good_checkpoint_and_skip_drops_the_upd
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(good))
 
   assert out['skip']['step'] == 8
-  by_step = {s: _params(checkpoint_io.checkpoint_root(tmp_path / 'skip') / str(s))
+  by_step = {s: _params(checkpoints.checkpoint_root(tmp_path / 'skip') / str(s))
              for s in (4, 5, 6)}
   for a, b in zip(jax.tree.leaves(by_step[4]), jax.tree.leaves(by_step[5])):
     np.testing.assert_array_equal(a, b)  # step 5's update was dropped

@@ -42,10 +42,10 @@ def main(argv):
   malloc_line = host_malloc.apply(host_malloc.mode_of(_CONFIG.value))
   import jax
 
-  from vtp_jax import checkpoint_digest
+  from vtp_jax.checkpoints import digest as checkpoint_digest
   from vtp_jax import tasks
   from vtp_jax.bench import common
-  from vtp_jax.train import checkpoints
+  from vtp_jax.checkpoints import manager
 
   config = _CONFIG.value
   mesh, _, run, state = common.warmed_up_step(config)
@@ -55,7 +55,7 @@ def main(argv):
   step_times = {mode: [] for mode in _MODES}
   save_blocking = {mode: [] for mode in _MODES[1:]}
   with tempfile.TemporaryDirectory(prefix='vtp_bench_ckpt_') as scratch:
-    managers = {mode: checkpoints.Checkpoints(f'{scratch}/{mode}', keep=2,
+    managers = {mode: manager.Checkpoints(f'{scratch}/{mode}', keep=2,
                                               digests=mode == 'saves_with_digests')
                 for mode in _MODES[1:]}
     saved = {mode: 0 for mode in _MODES[1:]}

@@ -48,8 +48,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from vtp_jax import checkpoint_io  # local: keeps --help fast
-  with checkpoint_io.report_unreadable():  # a damaged checkpoint: one line, exit status 2
+  from vtp_jax import checkpoints  # local: keeps --help fast
+  with checkpoints.report_unreadable():  # a damaged checkpoint: one line, exit status 2
     _evaluate()
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vtp_jax import checkpoint_io
+from vtp_jax import checkpoints
 from vtp_jax import pixels
 from vtp_jax import sharding
 from vtp_jax.generation import data as gen_data
@@ -27,7 +27,7 @@ from vtp_jax.generation import state as gen_state
 
 def load_config(path):
   from configs import dit_base  # local: configs is a sibling package
-  return checkpoint_io.load_config(path, defaults=dit_base.get_config)
+  return checkpoints.load_config(path, defaults=dit_base.get_config)
 
 
 class Generator:
@@ -52,8 +52,8 @@ class Generator:
     statistics come from `latent_stats`, else from the config's latents.stats / latents.source."""
     if weights not in ('ema', 'params'):
       raise ValueError(f"weights={weights!r}; use 'ema' (the sampling weights) or 'params'.")
-    step_dir = checkpoint_io.resolve(path)
-    if not checkpoint_io.is_step_dir(step_dir):
+    step_dir = checkpoints.resolve(path)
+    if not checkpoints.is_step_dir(step_dir):
       raise FileNotFoundError(f'{path} holds no generator training checkpoint.')
     config = load_config(step_dir)
     config.mesh.update(data=-1, fsdp=1, tensor=1)  # sampling: data parallel over all devices
@@ -64,7 +64,7 @@ class Generator:
     except ValueError as e:
       raise ValueError(f'{e} (pass --latent_stats=PATH to sample elsewhere than training)'
                        ) from None
-    params = jax.tree.map(np.asarray, checkpoint_io.restore_subtree(step_dir, weights))
+    params = jax.tree.map(np.asarray, checkpoints.restore_subtree(step_dir, weights))
     return cls(config, params, mean, std)
 
   @functools.cached_property

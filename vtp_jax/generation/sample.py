@@ -77,8 +77,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  from vtp_jax import checkpoint_io  # local: keeps --help fast
-  with checkpoint_io.report_unreadable():  # a damaged checkpoint: one line, exit status 2
+  from vtp_jax import checkpoints  # local: keeps --help fast
+  with checkpoints.report_unreadable():  # a damaged checkpoint: one line, exit status 2
     result = run(f.checkpoint, f.tokenizer, f.num_images, f.out, f.labels, seed=f.seed,
                  weights=f.weights, latent_stats=f.latent_stats, steps=f.steps,
                  solver=f.solver, cfg_scale=f.cfg_scale, timestep_shift=f.timestep_shift,

@@ -156,8 +156,8 @@ class Study:
   def _stage_result(self, cell, stage, out: str) -> dict:
     cell_dir = self.cell_dir(cell)
     if stage == 'tokenizer':
-      from vtp_jax import checkpoint_io
-      config = checkpoint_io.load_config(cell_dir / 'tokenizer')  # read once for both
+      from vtp_jax import checkpoints
+      config = checkpoints.load_config(cell_dir / 'tokenizer')  # read once for both
       from vtp_jax.train import metrics as metrics_lib
       metrics = tokenizer_metrics(cell_dir / 'tokenizer')
       if not metrics and metrics_lib.evals_due(config, int(config.train.steps), final=True):

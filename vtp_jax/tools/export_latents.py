@@ -213,9 +213,9 @@ def main(argv):
     return
   if not f.checkpoint or not f.dataset:
     raise app.UsageError('--checkpoint and --dataset are required (unless --merge_stats_only).')
-  from vtp_jax import checkpoint_io
+  from vtp_jax import checkpoints
   from vtp_jax.inference import Tokenizer
-  with checkpoint_io.report_unreadable():  # a damaged checkpoint: one line, exit status 2
+  with checkpoints.report_unreadable():  # a damaged checkpoint: one line, exit status 2
     tokenizer = Tokenizer.load(f.checkpoint, compute_dtype=f.compute_dtype)
   config = tokenizer.config
   if f.data_dir:

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from vtp_jax.models import layout
 from vtp_jax.models import rope as rope_lib
 from vtp_jax.tools import reference_format as fmt
-from vtp_jax import checkpoint_io
+from vtp_jax import checkpoints
 
 
 def _template(rule: fmt.Rule) -> tuple[re.Pattern, str]:
@@ -66,9 +66,9 @@ def to_reference(config, params, teacher=None, legacy: bool = False) -> dict:
 
 
 def export_reference(src, dst, legacy: bool = False) -> dict:
-  config = checkpoint_io.load_config(src)
-  params = checkpoint_io.load_item(src, 'params')
-  teacher = (checkpoint_io.load_item(src, 'teacher') if checkpoint_io.has_item(src, 'teacher')
+  config = checkpoints.load_config(src)
+  params = checkpoints.load_item(src, 'params')
+  teacher = (checkpoints.load_item(src, 'teacher') if checkpoints.has_item(src, 'teacher')
              else None)
   tensors = to_reference(config, params, teacher, legacy)
   dst = pathlib.Path(dst)
@@ -80,7 +80,7 @@ def export_reference(src, dst, legacy: bool = False) -> dict:
 
 def main(argv):
   del argv
-  with checkpoint_io.report_unreadable():  # a damaged checkpoint: one line, exit status 2
+  with checkpoints.report_unreadable():  # a damaged checkpoint: one line, exit status 2
     tensors = export_reference(flags.FLAGS.src, flags.FLAGS.dst, flags.FLAGS.legacy)
   print(json.dumps({'dst': flags.FLAGS.dst, 'tensors': len(tensors)}))
 

@@ -23,7 +23,7 @@ from vtp_jax.models import layout
 from vtp_jax.models import rope as rope_lib
 from vtp_jax.models import vtp
 from vtp_jax.tools import reference_format as fmt
-from vtp_jax import checkpoint_io
+from vtp_jax import checkpoints
 
 
 def is_legacy(keys) -> bool:
@@ -125,7 +125,7 @@ def import_reference(src, dst, scan_layers: bool = True):
   config.precision.scan_layers = scan_layers
   params = layout.to_layout(trees['params'], scan_layers)
   teacher = layout.to_layout(trees['teacher'], scan_layers) if 'teacher' in trees else None
-  checkpoint_io.save_params(dst, config, params, teacher)
+  checkpoints.save_params(dst, config, params, teacher)
   return config
 
 

@@ -12,7 +12,6 @@ trainings (tokenizer, decoder GAN stage, generator) comes from the task
 
 import json
 import os
-import pathlib
 import signal
 import time
 import types
@@ -21,18 +20,21 @@ import jax
 import numpy as np
 from absl import logging
 
-from vtp_jax import checkpoint_io
+from vtp_jax import paths
 from vtp_jax import sharding
 from vtp_jax import tasks
+from vtp_jax.checkpoints import init_from as init_from_lib
+from vtp_jax.checkpoints import manager
+from vtp_jax.checkpoints import preemption as preemption_lib
+from vtp_jax.checkpoints import saved
+from vtp_jax.checkpoints import workdir as workdir_lib
 from vtp_jax.data import device
-from vtp_jax.train import checkpoints
 from vtp_jax.train import in_flight
 from vtp_jax.train import metrics as metrics_lib
-from vtp_jax.train import preemption as preemption_lib
 # Raised from the loop; callers (launch/main.py, tests) catch them as loop.NonFiniteLoss,
 # loop.CheckpointUnreadable (no checkpoint of the workdir reads) and loop.SaveFailed.
-from vtp_jax.checkpoint_io import CheckpointUnreadable  # noqa: F401
-from vtp_jax.train.checkpoints import SaveFailed  # noqa: F401
+from vtp_jax.checkpoints.errors import CheckpointUnreadable  # noqa: F401
+from vtp_jax.checkpoints.manager import SaveFailed  # noqa: F401
 from vtp_jax.train.in_flight import NonFiniteLoss  # noqa: F401
 
 
@@ -167,21 +169,25 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   did not complete (the steps before it stay).
   """
   init_distributed(config)
-  workdir = pathlib.Path(workdir)
+  workdir = paths.path(workdir)
   pi, pc = jax.process_index(), jax.process_count()
   logging.info('Process %d of %d; %d local / %d global devices (%s); workdir %s.', pi, pc,
                jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind, workdir)
   validate(config, jax.device_count(), pc)
+  try:
+    workdir_lib.check(workdir, pi, pc)
+  except workdir_lib.WorkdirError as e:
+    raise ConfigError(str(e)) from None
   task = tasks.for_config(config)
   evaluate = evaluate or _default_evaluate(task)
   mesh = sharding.make_mesh(config.mesh)
   logging.info('Mesh %s.', dict(mesh.shape))
   t = config.train
-  ckpts = checkpoints.Checkpoints(workdir, int(t.keep_checkpoints))
+  ckpts = manager.Checkpoints(workdir, int(t.keep_checkpoints))
   latest = ckpts.latest_step()
   if latest is None and t.init_from:
     try:
-      checkpoint_io.resolve(t.init_from)
+      saved.resolve(t.init_from)
     except FileNotFoundError as e:
       raise ConfigError(f'train.init_from={t.init_from}: {e}') from None
   data_iter = task.make_data_iterator(config, pi, pc)
@@ -200,7 +206,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
     state, shardings, tx = task.create_state(config, mesh)
     if t.init_from:
       try:
-        state = checkpoints.init_from(t.init_from, state, shardings, config)
+        state = init_from_lib.init_from(t.init_from, state, shardings, config)
       except CheckpointUnreadable as e:
         raise ConfigError(f'train.init_from={t.init_from}: {e}') from None
   start = int(jax.device_get(state.step))
@@ -212,7 +218,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
       # saves at a step boundary, and there is none left): evaluate the saved step now.
       logging.info('Step %d reached train.steps=%d; its end-of-run evaluation is not in '
                    'metrics.jsonl: evaluating it.', start, int(t.steps))
-      writer = metrics_lib.Writer(workdir, enabled=pi == 0)
+      writer = metrics_lib.Writer(workdir, enabled=pi == 0, start_step=start)
       _evaluate_and_record(evaluate, config, writer, ckpts.root / str(start), start)
       writer.close()
     else:
@@ -232,7 +238,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
 
   preemption = preemption_lib.Preemption()
   acc, skips = metrics_lib.Accumulator(), metrics_lib.SkipCounter()
-  writer = metrics_lib.Writer(workdir, enabled=pi == 0)
+  writer = metrics_lib.Writer(workdir, enabled=pi == 0, start_step=start)
   step_flops = task.step_flops(config, mesh)['total']
   batch_shapes = task.batch_shapes(config)  # the contract every host batch is placed by
   image_log = task.image_log(config, mesh) if t.image_log_every else None

@@ -10,7 +10,7 @@ the averages. Only process 0 writes files; every process computes the same numbe
 """
 
 import json
-import pathlib
+import os
 import time
 
 import flax.linen as nn
@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 from clu import metrics as clu_metrics
 
+from vtp_jax import paths
 from vtp_jax import pixels
 from vtp_jax import sharding
 from vtp_jax.models import vtp
@@ -27,6 +28,7 @@ from vtp_jax.models import vtp
 # Metrics that describe the schedule at a step rather than a quantity to average over steps.
 LAST_VALUE = ('lr', 'weight_decay', 'teacher_temp', 'teacher_momentum', 'logit_scale',
               'disc_factor')
+METRICS_FILE = 'metrics.jsonl'
 # Shown on the console, in this order, when present; everything goes to the files.
 CONSOLE = ('loss', 'clip', 'ssl', 'dino', 'ibot', 'koleo', 'rec', 'l1', 'lpips', 'g_loss', 'd_loss',
            'grad_norm', 'lr')
@@ -85,36 +87,58 @@ def evals_due(config, step: int, final: bool) -> bool:
   return bool((every and step % every == 0) or (final and e.get('at_end', False)))
 
 
-def evaluations(workdir) -> list:
-  """The evaluation rows `Writer` appended to workdir/metrics.jsonl, in order: (step, {name:
-  value}) with the 'eval/' prefix removed; [] when there is no file yet."""
-  path = pathlib.Path(workdir) / 'metrics.jsonl'
-  rows = [json.loads(line) for line in path.read_text().splitlines()
+def _rows(workdir) -> list:
+  path = paths.path(workdir) / METRICS_FILE
+  return [json.loads(line) for line in path.read_text().splitlines()
           if line.strip()] if path.exists() else []
+
+
+def evaluations(workdir) -> list:
+  """The evaluation rows `Writer` wrote to workdir/metrics.jsonl, in order: (step, {name: value})
+  with the 'eval/' prefix removed; [] when there is no file yet."""
   return [(r['step'], {k[len('eval/'):]: v for k, v in r.items() if k.startswith('eval/')})
-          for r in rows if any(k.startswith('eval/') for k in r)]
+          for r in _rows(workdir) if any(k.startswith('eval/') for k in r)]
 
 
 class Writer:
-  """metrics.jsonl + TensorBoard events (tensorboardX) in the workdir; process 0 only."""
+  """metrics.jsonl + TensorBoard events (tensorboardX) in the workdir; process 0 only.
 
-  def __init__(self, workdir, enabled: bool):
+  metrics.jsonl holds each logged step once: a run resumed at `start_step` first drops the rows a
+  killed run wrote after that step (it logs them again). On a disk rows are appended; a bucket
+  cannot append, so there the file is rewritten whole at each log line (one object upload,
+  atomic: a kill leaves the previous version; docs/checkpoints.md, 'Workdirs in a bucket').
+  """
+
+  def __init__(self, workdir, enabled: bool, start_step: int | None = None):
     self.enabled = enabled
     self._jsonl = self._tb = None
     if enabled:
-      workdir = pathlib.Path(workdir)
+      workdir = paths.path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
+      self._path = workdir / METRICS_FILE
+      self._bucket = paths.is_bucket(workdir)
+      rows = _rows(workdir)
+      kept = [r for r in rows if start_step is None or r['step'] <= start_step]
+      self._lines = [json.dumps(r) + '\n' for r in kept]
+      if len(kept) != len(rows):
+        paths.write_whole(self._path, ''.join(self._lines))
+      if not self._bucket:
+        self._jsonl = self._path.open('a', encoding='utf-8')
       from tensorboardX import SummaryWriter  # local: only process 0 needs it
-      self._tb = SummaryWriter(logdir=str(workdir / 'tensorboard'))
+      self._tb = SummaryWriter(logdir=os.fspath(workdir / 'tensorboard'))
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
     row = {'step': int(step), 'time': time.time(),
            **{k: _json_number(v) for k, v in values.items()}}
-    self._jsonl.write(json.dumps(row) + '\n')
-    self._jsonl.flush()
+    line = json.dumps(row) + '\n'
+    if self._bucket:
+      self._lines.append(line)
+      paths.write_whole(self._path, ''.join(self._lines))
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     for key, value in values.items():
       self._tb.add_scalar(key, value, int(step))
     self._tb.flush()
@@ -126,7 +150,8 @@ class Writer:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._tb.close()
 
 

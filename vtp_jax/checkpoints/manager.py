@@ -1,27 +1,25 @@
-"""Training checkpoints: the one wrapper around Orbax's CheckpointManager the driver uses.
-Reading a workdir's checkpoints back (for inference, export, init_from) is checkpoint_io.py's.
+"""Training checkpoints: the one wrapper around Orbax's CheckpointManager the driver uses, in a
+local folder or a bucket alike. Reading a workdir's checkpoints back (for inference, export,
+init_from) is saved.py's.
 
 A training workdir holds `checkpoints/<step>/` folders, each with four Orbax items:
   state/     the whole TrainState (params, optimizer, teacher, centres, rng, discriminator)
   data_iter/ the Grain iterator state, one JSON per process (`process_<i>-of-<n>.json`)
   config/    config.json, the run's full config
-  digest/    SHA-256 digests of the three above, one JSON per process (checkpoint_digest.py)
-Saves are asynchronous (the device-to-host copy blocks; the write and the hashing do not); Orbax
-writes each step into a temporary folder and renames it only once complete, so a process killed
-mid-save leaves no step folder behind and resume never sees it (the leftover temporary folder is
-deleted on start). Restores always name target shardings, so a checkpoint loads onto any mesh.
+  digest/    SHA-256 digests of the three above, one JSON per process (digest.py)
+Saves are asynchronous (the device-to-host copy blocks; the write and the hashing do not). A step
+is all or nothing: on a disk Orbax writes it into a temporary folder and renames it once complete;
+in a bucket, which has no rename, it writes in place and marks the step complete with
+`commit_success.txt` last. Either way a process killed mid-save leaves no step that resume would
+see, and the leftover is deleted on the next start.
 
 Resume checks what it restores against the digests. When the newest step cannot be read or fails
-them, the run logs one line naming the step and the cause, moves the folder aside (kept:
+them, the run logs one line naming the step and the cause, sets the folder aside (kept:
 `<step>.unreadable`) and resumes from the newest step that reads, down the kept list; when none
 reads it stops with one error naming them all and moves nothing. A save that fails (a full
 volume, a lost permission) stops the run at the next step with one line; the steps before it stay
 as they were (Orbax garbage-collects old steps only after a save commits), so the next run
 resumes from the newest of them (docs/checkpoints.md).
-
-Also here: starting a run from another checkpoint (`train.init_from`, partial: parameters the
-source holds overwrite the fresh init, the rest keep it). The SIGTERM / preemption flag the loop
-polls at step boundaries is preemption.py's.
 """
 
 import dataclasses
@@ -34,13 +32,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vtp_jax import checkpoint_digest
-from vtp_jax import checkpoint_io
-from vtp_jax.checkpoint_io import CONFIG, DATA_ITER, STATE, CheckpointUnreadable
-from vtp_jax.models import layout
+from vtp_jax import paths
+from vtp_jax.checkpoints import digest as checkpoint_digest
+from vtp_jax.checkpoints import errors
+from vtp_jax.checkpoints import saved
+from vtp_jax.checkpoints import set_aside
+from vtp_jax.checkpoints.errors import CheckpointUnreadable
+from vtp_jax.checkpoints.saved import CONFIG, DATA_ITER, STATE
 
 DIGEST = checkpoint_digest.ITEM
-ASIDE_SUFFIX = '.unreadable'  # never a step name to Orbax (steps are bare integers)
 
 
 class SaveFailed(RuntimeError):
@@ -93,7 +93,7 @@ class _OrbaxTracebacksOff:
 
   def filter(self, record) -> bool:
     if record.exc_info and record.levelno >= 40 and '/orbax/' in record.pathname:  # 40: ERROR
-      record.msg = f'{record.getMessage()} ({checkpoint_io.short_cause(record.exc_info[1])})'
+      record.msg = f'{record.getMessage()} ({errors.short_cause(record.exc_info[1])})'
       record.args, record.exc_info, record.exc_text = (), None, None
     return True
 
@@ -109,7 +109,7 @@ class Checkpoints:
     """`digests=False` saves steps without the digest item, which then read unchecked (as steps
     saved before digests existed do); only `bench.checkpoint` turns them off, to measure them."""
     self.digests = digests
-    self.root = checkpoint_io.checkpoint_root(workdir)
+    self.root = saved.checkpoint_root(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=True, create=True,
         # A save killed mid-write leaves `<step>.orbax-checkpoint-tmp-*`: never listed as a step,
@@ -119,7 +119,7 @@ class Checkpoints:
         self.root, options=options,
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
                        DATA_ITER: _IteratorStateHandler(),
-                       CONFIG: ocp.JsonCheckpointHandler(filename=checkpoint_io.CONFIG_FILE),
+                       CONFIG: ocp.JsonCheckpointHandler(filename=saved.CONFIG_FILE),
                        DIGEST: checkpoint_digest.DigestHandler()})
     self._state_reader = ocp.StandardCheckpointHandler()
     self._in_flight = None  # the step whose save has not been checked yet
@@ -136,7 +136,7 @@ class Checkpoints:
     """Starts an async save; returns once the arrays are copied off the devices (the state may then
     be donated to the next step). Raises SaveFailed if the previous save failed."""
     self.check_save(wait=True)
-    config_json = checkpoint_io.config_to_dict(config)
+    config_json = saved.config_to_dict(config)
     text = _iterator_state_text(data_iter) if data_iter is not None else None
     args = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_json)}
     if self.digests:
@@ -166,7 +166,7 @@ class Checkpoints:
     self._failed = True
     self.manager.reload()  # the steps on disk: the failed one never became one
     kept = [s for s in self.manager.all_steps() if s != step]
-    cause = checkpoint_io.short_cause(error)
+    cause = errors.short_cause(error)
     if kept:
       listed = ', '.join(map(str, sorted(kept)))
       then = (f'{self.root} keeps step{"s" if len(kept) > 1 else ""} {listed} intact; fix the '
@@ -202,7 +202,7 @@ class Checkpoints:
     if (self.root / str(step) / DATA_ITER / name).exists():
       return True
     try:
-      digests = checkpoint_io.saved_digests(self.root / str(step))
+      digests = saved.saved_digests(self.root / str(step))
     except CheckpointUnreadable:
       return False  # the state restore reports the step
     return bool(digests) and name in digests['data_iter']
@@ -211,7 +211,7 @@ class Checkpoints:
     """The state at `step` placed as `abstract_state`'s shardings, checked against its digests;
     restores `data_iter` in place when given (the caller checks `data_state_saved_here` first).
     Raises CheckpointUnreadable when a part cannot be read or differs from its digest."""
-    return checkpoint_io.cast_like(self._read_checked(step, abstract_state, data_iter),
+    return saved.cast_like(self._read_checked(step, abstract_state, data_iter),
                                    abstract_state)
 
   def _read_checked(self, step: int, abstract_state, data_iter):
@@ -220,21 +220,21 @@ class Checkpoints:
     so that a process that fails here still meets the others where they agree on the step. The
     iterator is set last, once everything else has checked out."""
     step_dir = self.root / str(step)
-    digests = checkpoint_io.saved_digests(step_dir)
-    target = checkpoint_io.in_saved_dtypes(abstract_state, digests) if digests else abstract_state
-    with checkpoint_io.reading(step_dir, STATE):
+    digests = saved.saved_digests(step_dir)
+    target = saved.in_saved_dtypes(abstract_state, digests) if digests else abstract_state
+    with errors.reading(step_dir, STATE):
       state = self._state_reader.restore(step_dir / STATE, args=ocp.args.StandardRestore(target))
     if digests:
-      checkpoint_io.verify(step_dir, STATE, state, digests)
-      checkpoint_io.read_step_config(step_dir, digests)
+      saved.verify(step_dir, STATE, state, digests)
+      saved.read_step_config(step_dir, digests)
     if data_iter is not None:
       name = checkpoint_digest.file_name(jax.process_index(), jax.process_count())
       part = f'{DATA_ITER}/{name}'
-      with checkpoint_io.reading(step_dir, part):
+      with errors.reading(step_dir, part):
         text = (step_dir / part).read_bytes()
       if digests and digests['data_iter'].get(name) != checkpoint_digest.hexdigest(text):
         raise CheckpointUnreadable(step_dir, part, 'digest mismatch')
-      with checkpoint_io.reading(step_dir, part):
+      with errors.reading(step_dir, part):
         _IteratorStateHandler().restore(step_dir / DATA_ITER,
                                         args=_IteratorStateRestore(data_iter))
     return state
@@ -261,7 +261,7 @@ class Checkpoints:
                           '%d.', bad, why, aside, step)
         if failed:
           self.manager.reload()
-        return step, checkpoint_io.cast_like(state, abstract_state), fits
+        return step, saved.cast_like(state, abstract_state), fits
       failed.append((step, cause))
     raise CheckpointUnreadable(
         self.root, 'steps ' + ', '.join(str(s) for s, _ in failed),
@@ -270,91 +270,14 @@ class Checkpoints:
         'start from scratch')
 
   def _move_aside(self, step: int):
-    """Renames `<step>` to `<step>.unreadable` (a free `.unreadable-<k>` if taken); process 0
-    renames, every process waits for it."""
-    aside, k = self.root / f'{step}{ASIDE_SUFFIX}', 1
-    while aside.exists():
-      k += 1
-      aside = self.root / f'{step}{ASIDE_SUFFIX}-{k}'
+    """Sets `<step>` aside (set_aside.py); process 0 moves it, every process waits for it."""
+    aside = set_aside.aside_name(self.root, step)
     multi = jax.process_count() > 1
     if multi:  # every process has picked the same name before process 0 takes it
       from jax.experimental import multihost_utils  # local: multi-process runs only
       multihost_utils.sync_global_devices(f'vtp_jax: moving checkpoint {step} aside')
     if jax.process_index() == 0:
-      (self.root / str(step)).rename(aside)
+      set_aside.move(self.root, step, aside)
     if multi:
       multihost_utils.sync_global_devices(f'vtp_jax: checkpoint {step} moved aside')
     return aside
-
-
-# -- train.init_from: partial restore from another checkpoint --------------------------------------
-
-def _flat(tree) -> dict:
-  return {tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _overwrite(fresh, shardings, read, source_md, scan: bool, what: str):
-  """`fresh` with every leaf the source holds (same path and shape) replaced by the source's."""
-  fresh_flat, shard_flat = _flat(fresh), _flat(shardings)
-  if layout.is_scanned(source_md) == scan or not any('blocks' in str(k) for k in _flat(source_md)):
-    src_md = _flat(source_md)
-    matched = {k for k, m in src_md.items()
-               if k in fresh_flat and tuple(m.shape) == fresh_flat[k].shape}
-    target = {}
-    for k in matched:  # rebuild a nested target holding only the matched leaves
-      node = target
-      for part in k[:-1]:
-        node = node.setdefault(part, {})
-      node[k[-1]] = jax.ShapeDtypeStruct(fresh_flat[k].shape, fresh_flat[k].dtype,
-                                         sharding=shard_flat[k])
-    loaded = _flat(read(target)) if matched else {}
-  else:  # the source is in the other block layout: read on host, convert, place each leaf
-    host = jax.tree.map(np.asarray, read(None))
-    src = _flat(layout.to_layout(host, scan))
-    src_md = src
-    loaded = {}
-    for k, value in src.items():
-      if k in fresh_flat and value.shape == fresh_flat[k].shape:
-        dtype = fresh_flat[k].dtype
-        loaded[k] = jax.make_array_from_callback(
-            value.shape, shard_flat[k], lambda idx, v=value, d=dtype: v[idx].astype(d))
-    matched = set(loaded)
-  mismatched = sorted('/'.join(map(str, k)) for k in src_md if k in fresh_flat and k not in matched)
-  unused = sorted('/'.join(map(str, k)) for k in src_md if k not in fresh_flat)
-  kept = sorted('/'.join(map(str, k)) for k in fresh_flat if k not in matched)
-  logging.info('init_from %s: %d of %d arrays restored; %d keep their init%s%s%s', what,
-               len(matched), len(fresh_flat), len(kept),
-               f' ({", ".join(kept[:8])}{", ..." if len(kept) > 8 else ""})' if kept else '',
-               f'; shape mismatch (kept init): {mismatched}' if mismatched else '',
-               f'; {len(unused)} source arrays unused' if unused else '')
-  leaves = [loaded[k].astype(fresh_flat[k].dtype) if k in loaded else fresh_flat[k]
-            for k in fresh_flat]
-  return jax.tree.unflatten(jax.tree.structure(fresh), leaves), len(matched)
-
-
-def init_from(path, state, shardings, config):
-  """`state` with the parameters (and EMA teacher) of the checkpoint at `path` written over it.
-
-  `path` is a params folder (config.json + params[/teacher], e.g. imported reference weights) or a
-  training workdir / step folder. Parameters missing from the source keep their fresh init; when
-  the source has no teacher, the teacher starts as a copy of the (restored) student, as at init.
-  The step, optimizer state and rng stay fresh: this starts a new run from old weights.
-  """
-  resolved = checkpoint_io.resolve(path)
-  read = lambda item, target: checkpoint_io.load_item(resolved, item, target)  # noqa: E731
-  metadata = lambda item: checkpoint_io.item_metadata(resolved, item)  # noqa: E731
-  scan = bool(config.precision.scan_layers)
-  params, n = _overwrite(state.params, shardings.params, lambda t: read('params', t),
-                         metadata('params'), scan, f'{resolved}/params')
-  if n == 0:
-    raise ValueError(f'train.init_from={path}: no parameter of {resolved} matches this model '
-                     '(names or shapes differ); check the config sizes.')
-  teacher = state.teacher
-  if teacher:
-    if checkpoint_io.has_item(resolved, 'teacher'):
-      teacher, _ = _overwrite(teacher, shardings.teacher, lambda t: read('teacher', t),
-                              metadata('teacher'), scan, f'{resolved}/teacher')
-    else:
-      teacher = {k: params[k] for k in teacher}
-  return state.replace(params=params, teacher=teacher)

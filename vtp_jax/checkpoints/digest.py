@@ -21,11 +21,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import pathlib
+import re
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from vtp_jax import paths
 
 ITEM = 'digest'
 ALGORITHM = 'sha256'  # hardware-accelerated on x86 (SHA-NI) and Arm; docs/checkpoints.md
@@ -128,7 +130,7 @@ def digest_record(shards: list[HostShard], iterator_text: str | None, config_jso
 
 # -- the Orbax item -----------------------------------------------------------------------------
 
-def _write_text(path: pathlib.Path, text: str) -> None:
+def _write_text(path: paths.Path, text: str) -> None:
   path.write_text(text)
 
 
@@ -138,7 +140,7 @@ class DigestHandler(ocp.AsyncCheckpointHandler):
   async def _save(self, directory, args):
     record = digest_record(args.shards, args.iterator_text, args.config_json)
     name = file_name(jax.process_index(), jax.process_count())
-    _write_text(pathlib.Path(directory) / name, json.dumps(record, sort_keys=True))
+    _write_text(paths.path(directory) / name, json.dumps(record, sort_keys=True))
 
   async def async_save(self, directory, args):
     return [ocp.future.CommitFutureAwaitingContractedSignals(self._save(directory, args),
@@ -149,7 +151,7 @@ class DigestHandler(ocp.AsyncCheckpointHandler):
 
   def restore(self, directory, args=None):
     del args
-    return read_files(pathlib.Path(directory))
+    return read_files(paths.path(directory))
 
   def finalize(self, directory):
     pass
@@ -177,25 +179,26 @@ class DigestRestore(ocp.args.CheckpointArgs):
 def saved_with_digests(step_dir) -> bool:
   """Whether the step was written with a digest item (checkpoints from before digests were not);
   a step whose metadata names the item but whose folder is gone counts as having them."""
-  step_dir = pathlib.Path(step_dir)
+  step_dir = paths.path(step_dir)
   if (step_dir / ITEM).is_dir():
     return True
   metadata = step_dir / '_CHECKPOINT_METADATA'
   return metadata.exists() and ITEM in (json.loads(metadata.read_text()).get('item_handlers') or {})
 
 
-def read_files(folder: pathlib.Path) -> dict:
+def read_files(folder: paths.Path) -> dict:
   """Every process's digest file in `folder`, merged: {'arrays': {key: {'shape', 'dtype',
   'shards': {region: hex}}}, 'config': hex, 'data_iter': {file name: hex}}. Raises
   FileNotFoundError when a process's file is missing, ValueError when one does not parse."""
+  folder = paths.path(folder)
   if not folder.is_dir():
     raise FileNotFoundError(f'{folder} is missing')
-  files = sorted(folder.glob('process_*-of-*.json'))
+  files = [n for n in paths.child_names(folder) if re.fullmatch(r'process_\d+-of-\d+\.json', n)]
   if not files:
     raise FileNotFoundError(f'{folder} holds no digest file')
-  count = int(files[0].stem.rsplit('-of-', 1)[1])
+  count = int(files[0][:-len('.json')].rsplit('-of-', 1)[1])
   for i in range(count):
-    if not (folder / file_name(i, count)).exists():
+    if file_name(i, count) not in files:
       raise FileNotFoundError(f'{folder / file_name(i, count)} is missing')
   merged = {'arrays': {}, 'config': None, 'data_iter': {}}
   for i in range(count):

@@ -1,144 +1,34 @@
-"""Reading and writing parameters on disk (Orbax), and the config saved beside them.
+"""Reading and writing parameters (Orbax), and the config saved beside them, in a folder or a
+bucket alike (vtp_jax/paths.py).
 
-A training workdir (written by train/checkpoints.py, whose folder layout is defined here) works
-wherever a folder does: `resolve` picks its latest complete step, whose `params` and `teacher` are
-read out of the saved train state. Nothing here imports train/, so inference and the tools read
-checkpoints without the training stack.
+A training workdir (written by manager.py; its folder layout is defined here) is read wherever it
+lies: `resolve` picks its latest complete step, whose `params` and `teacher` are read out of the
+saved train state. Nothing here imports train/, so inference and the tools read checkpoints
+without the training stack.
 
 A parameter checkpoint is a folder holding `config.json` (the full ml_collections config) and Orbax
 PyTree items: `params` (plain nested dict) and, when present, `teacher` (the EMA encoder and DINO
 head). Restores always name the target shardings, so a checkpoint loads onto any mesh.
 
-Reading a training step checks it against the digests saved with it (checkpoint_digest.py), in
-the saved dtypes. A folder that cannot be read or fails its digests raises CheckpointUnreadable,
-whose message is one line (the folder, the part, a short cause, what to do) instead of Orbax's
-TensorStore spec; `report_unreadable` turns it into that line and exit status 2 in a command line.
+Reading a training step checks it against the digests saved with it (digest.py), in the saved
+dtypes; a folder that cannot be read or fails its digests raises errors.CheckpointUnreadable.
 """
 
-import contextlib
 import json
-import logging
-import pathlib
-import re
-import sys
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vtp_jax import checkpoint_digest
+from vtp_jax import paths
+from vtp_jax.checkpoints import digest as checkpoint_digest
+from vtp_jax.checkpoints.errors import CheckpointUnreadable, MissingItem, reading
 
 CONFIG_FILE = 'config.json'
 # A training workdir: WORKDIR/checkpoints/<step>/{state, data_iter, config, digest}
-# (the digest item's format is checkpoint_digest.py's).
+# (the digest item's format is digest.py's).
 STATE, DATA_ITER, CONFIG = 'state', 'data_iter', 'config'
 SUBDIR = 'checkpoints'
-
-
-class CheckpointUnreadable(ValueError):
-  """A checkpoint folder whose files cannot be read or do not match their digests."""
-
-  def __init__(self, folder, part: str, cause: str, advice: str = ''):
-    self.folder, self.part, self.cause = pathlib.Path(folder), part, cause
-    super().__init__(f'{folder}: {part} cannot be read ({cause}); '
-                     f'{advice or _advice(self.folder)}.')
-
-
-class MissingItem(FileNotFoundError):
-  """The checkpoint is readable but holds no such item or field (not damage)."""
-
-
-def _advice(folder: pathlib.Path) -> str:
-  step_dir = next((p for p in (folder, *folder.parents) if p.name.isdigit()), None)
-  if step_dir is not None:
-    others = sorted(int(d.name) for d in step_dir.parent.iterdir()
-                    if d.name.isdigit() and d != step_dir)
-    if others:
-      return (f'restore it from a copy, or read another step: '
-              f'{", ".join(str(step_dir.parent / str(s)) for s in others[::-1][:3])}')
-  return 'restore it from a copy (or re-create it)'
-
-
-_TENSORSTORE_READ_ERROR = re.compile(r'Error (?:reading|writing) "([^"]+)" in OCDBT database at '
-                                     r'[^"]*"[^"]*": (.*)')
-
-
-def short_cause(error: BaseException, limit: int = 200) -> str:
-  """The innermost error of a chain as 'Class: first line', TensorStore's wording shortened to the
-  array and the reason, at most `limit` characters."""
-  seen = {id(error)}
-  while True:
-    inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-    if inner is None or id(inner) in seen:
-      break
-    seen.add(id(inner))
-    error = inner
-  lines = str(error).strip().splitlines()
-  text = lines[0] if lines else ''
-  m = _TENSORSTORE_READ_ERROR.search(text)
-  if m:  # the array (and chunk) and the innermost reason, without the data files' paths
-    reason = m.group(2).rsplit('": ', 1)[-1]  # after the last quoted path
-    text = f'{m.group(1)}: {reason}'
-  return f'{type(error).__name__}: {text}'[:limit]
-
-
-class _DropFailedReadNoise(logging.Filter):
-  def filter(self, record) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    return not (exc is not None and _is_read_noise(exc))
-
-
-def _is_read_noise(exc) -> bool:
-  """What a failed Orbax read leaves behind once its error was raised: the other array reads'
-  errors (never retrieved; wrapped by Orbax, or TensorStore's own when they fail before Orbax
-  wraps them, which a loaded host makes likely) and TensorStore callbacks into the closed event
-  loop."""
-  text = str(exc)
-  return (text.startswith('Encountered error while reading array index')
-          or _TENSORSTORE_READ_ERROR.search(text) is not None
-          or (isinstance(exc, RuntimeError) and text == 'Event loop is closed'))
-
-
-_noise_filter_installed = False
-
-
-def _quiet_failed_read_noise() -> None:
-  """Keeps the leftovers of a failed read (one traceback per array of the damaged file, printed
-  after the error was raised) off the console: the one-line error says it all."""
-  global _noise_filter_installed
-  if _noise_filter_installed:
-    return
-  _noise_filter_installed = True
-  logging.getLogger('asyncio').addFilter(_DropFailedReadNoise())
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if not _is_read_noise(unraisable.exc_value):
-      previous(unraisable)
-
-  sys.unraisablehook = hook
-
-
-@contextlib.contextmanager
-def reading(folder, part: str):
-  """Any error while reading `part` of `folder` becomes CheckpointUnreadable with a short cause."""
-  _quiet_failed_read_noise()
-  try:
-    yield
-  except (CheckpointUnreadable, MissingItem):
-    raise
-  except Exception as e:  # noqa: BLE001: whatever the storage layer raises is a damaged folder
-    raise CheckpointUnreadable(folder, part, short_cause(e)) from e
-
-
-@contextlib.contextmanager
-def report_unreadable():
-  """For command lines: a damaged checkpoint ends the program with its one line, exit status 2."""
-  try:
-    yield
-  except CheckpointUnreadable as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 def config_to_dict(config) -> dict:
@@ -147,16 +37,15 @@ def config_to_dict(config) -> dict:
 
 
 def save_config(path, config) -> None:
-  path = pathlib.Path(path)
-  path.mkdir(parents=True, exist_ok=True)
-  (path / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  paths.write_whole(paths.path(path) / CONFIG_FILE,
+                    config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config(path, defaults=None) -> ml_collections.ConfigDict:
   """The config saved in a checkpoint folder, over today's defaults (so new keys get defaults):
   `defaults()` builds them (the generator's are configs/dit_base.get_config), else base.py's."""
   from configs import base  # local: configs is a sibling package; keep import cost off the hot path
-  file = pathlib.Path(path) / CONFIG_FILE
+  file = paths.path(path) / CONFIG_FILE
   if not file.exists():  # a training workdir or step folder (train/checkpoints.py)
     path = resolve(path)
     file = path / CONFIG_FILE
@@ -180,7 +69,7 @@ def read_step_config(step_dir, digests: dict | None = None) -> dict:
   when the caller has read them already)."""
   part = f'{CONFIG}/{CONFIG_FILE}'
   with reading(step_dir, part):
-    saved = json.loads((pathlib.Path(step_dir) / part).read_text())
+    saved = json.loads((paths.path(step_dir) / part).read_text())
   digests = saved_digests(step_dir) if digests is None else digests
   if digests and digests['config'] not in (
       None, checkpoint_digest.hexdigest(checkpoint_digest.canonical_json(saved))):
@@ -198,7 +87,7 @@ def _merge(config, saved: dict) -> None:
 
 def save_params(path, config, params, teacher=None) -> None:
   """Writes config.json, `params` and (optionally) `teacher` into the folder `path`."""
-  path = pathlib.Path(path).absolute()
+  path = paths.path(path)
   save_config(path, config)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / 'params', params, force=True)
@@ -208,7 +97,7 @@ def save_params(path, config, params, teacher=None) -> None:
 
 
 def has_item(path, item: str) -> bool:
-  if (pathlib.Path(path) / item).exists():
+  if (paths.path(path) / item).exists():
     return True
   path = resolve(path)
   if is_step_dir(path) and not (path / item).exists():
@@ -219,11 +108,11 @@ def has_item(path, item: str) -> bool:
 def load_item(path, item: str, target=None):
   """Restores one item. `target` is an abstract tree (ShapeDtypeStruct leaves with .sharding) that
   fixes the placement; without it, arrays land on the default device."""
-  if not (pathlib.Path(path) / item).exists():  # a training workdir or step folder
+  if not (paths.path(path) / item).exists():  # a training workdir or step folder
     path = resolve(path)
     if is_step_dir(path) and not (path / item).exists():
       return restore_subtree(path, item, target)  # a field of the saved train state
-  path = pathlib.Path(path).absolute() / item
+  path = paths.path(path) / item
   if not path.exists():
     raise MissingItem(f'{path} not found; the checkpoint has no {item!r} item.')
   checkpointer = ocp.StandardCheckpointer()
@@ -237,9 +126,9 @@ def load_item(path, item: str, target=None):
     return checkpointer.restore(path, target)
 
 
-def resolve(path) -> pathlib.Path:
+def resolve(path) -> paths.Path:
   """A checkpoint folder itself, or the latest complete step folder under a training workdir."""
-  path = pathlib.Path(path)
+  path = paths.path(path)
   if (path / CONFIG_FILE).exists() or is_step_dir(path):
     return path
   latest = latest_step_dir(path)
@@ -257,28 +146,28 @@ def resolve(path) -> pathlib.Path:
 
 # -- a training workdir's step folders ------------------------------------------------------
 
-def checkpoint_root(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir).absolute() / SUBDIR
+def checkpoint_root(workdir) -> paths.Path:
+  return paths.path(workdir) / SUBDIR
 
 
-def latest_step_dir(workdir) -> pathlib.Path | None:
+def latest_step_dir(workdir) -> paths.Path | None:
   """`WORKDIR/checkpoints/<latest complete step>`, or None when the workdir has no checkpoint."""
   root = checkpoint_root(workdir)
   if not root.is_dir():
     return None
   # Orbax's own reading of the folder: only finalized steps count (never a half-written one).
   latest = ocp.path.step.latest_step_metadata(root, ocp.path.step.standard_name_format())
-  return None if latest is None else pathlib.Path(latest.path)
+  return None if latest is None else paths.path(latest.path)
 
 
 def is_step_dir(path) -> bool:
-  path = pathlib.Path(path)
+  path = paths.path(path)
   return (path / STATE).is_dir() and (path / CONFIG / CONFIG_FILE).exists()
 
 
 def _state_tree_metadata(step_dir):
   with reading(step_dir, f'{STATE} metadata'):
-    metadata = ocp.PyTreeCheckpointer().metadata(pathlib.Path(step_dir).absolute() / STATE)
+    metadata = ocp.PyTreeCheckpointer().metadata(paths.path(step_dir) / STATE)
     return metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
 
 
@@ -301,7 +190,7 @@ def saved_digests(step_dir) -> dict | None:
   with reading(step_dir, checkpoint_digest.ITEM):
     if not checkpoint_digest.saved_with_digests(step_dir):
       return None
-    return checkpoint_digest.read_files(pathlib.Path(step_dir) / checkpoint_digest.ITEM)
+    return checkpoint_digest.read_files(paths.path(step_dir) / checkpoint_digest.ITEM)
 
 
 def in_saved_dtypes(target, digests: dict):
@@ -330,7 +219,7 @@ def restore_subtree(step_dir, key: str, target=None):
   """One field of a saved train state (e.g. 'params'), checked against its digests; `target`
   (ShapeDtypeStructs with shardings) fixes the placement, else every array lands on the first
   local device."""
-  step_dir = pathlib.Path(step_dir)
+  step_dir = paths.path(step_dir)
   if target is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
@@ -341,7 +230,7 @@ def restore_subtree(step_dir, key: str, target=None):
   with reading(step_dir, f'{STATE}/{key}'):
     restore_args = ocp.checkpoint_utils.construct_restore_args(read_as[key])
     restored = ocp.PyTreeCheckpointer().restore(
-        step_dir.absolute() / STATE,
+        step_dir / STATE,
         args=ocp.args.PyTreeRestore(item=read_as, restore_args={key: restore_args},
                                     partial_restore=True))
   if digests:
@@ -351,9 +240,9 @@ def restore_subtree(step_dir, key: str, target=None):
 
 def item_metadata(path, item: str):
   """Shapes/dtypes of `params` / `teacher` in a params folder or a training step folder."""
-  path = pathlib.Path(path)
+  path = paths.path(path)
   if is_step_dir(path) and not (path / item).exists():
     return subtree_metadata(path, item)
   with reading(path, f'{item} metadata'):
-    md = ocp.StandardCheckpointer().metadata(path.absolute() / item)
+    md = ocp.StandardCheckpointer().metadata(path / item)
     return md.item_metadata.tree if hasattr(md, 'item_metadata') else md

@@ -1,5 +1,5 @@
 """When a run must stop and save: the SIGTERM / preemption flag the training loop polls at step
-boundaries (checkpoints.py saves), and the test-only kill switch that SIGKILLs a run mid-save."""
+boundaries (manager.py saves), and the test-only kill switch that SIGKILLs a run mid-save."""
 
 import os
 import signal
