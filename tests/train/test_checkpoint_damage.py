@@ -29,6 +29,7 @@ import pytest
 
 from conftest import FAST_COMPILE, MICRO_CONFIG
 from vtp_jax import checkpoints
+from vtp_jax import paths
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -102,14 +103,15 @@ def reference(run_env, tmp_path_factory):
   return work
 
 
+# The damages work on a local folder and in a bucket alike (tests/train/test_bucket.py reuses them).
+
 def _largest_state_file(step_dir):
-  return max((f for f in (step_dir / 'state').rglob('*') if f.is_file()),
-             key=lambda f: f.stat().st_size)
+  return max(paths.files_under(paths.path(step_dir) / 'state'), key=lambda f: f.stat().length)
 
 
 def _random_bytes(step_dir):
   f = _largest_state_file(step_dir)
-  f.write_bytes(np.random.default_rng(0).bytes(f.stat().st_size))
+  f.write_bytes(np.random.default_rng(0).bytes(f.stat().length))
   return f
 
 
@@ -123,7 +125,8 @@ def _flip_a_byte(step_dir):
 
 def _truncate(step_dir):
   f = _largest_state_file(step_dir)
-  os.truncate(f, f.stat().st_size // 2)
+  data = f.read_bytes()
+  f.write_bytes(data[:len(data) // 2])
   return f
 
 
@@ -135,7 +138,7 @@ def _delete(step_dir):
 
 def _edit_iterator_state(step_dir):
   """Another valid state (one batch back): only its digest tells it from the saved one."""
-  f = step_dir / 'data_iter' / 'process_0-of-1.json'
+  f = paths.path(step_dir) / 'data_iter' / 'process_0-of-1.json'
   state = json.loads(f.read_text())
   assert state == {'next_index': 8}
   f.write_text(json.dumps({'next_index': 7}, indent=4))
@@ -152,6 +155,7 @@ DAMAGE = {  # case: (damage, what the log line's cause must say)
 
 
 def _file_hash(f):
+  f = paths.path(f)
   return hashlib.sha256(f.read_bytes()).hexdigest() if f.exists() else None
 
 
@@ -177,7 +181,7 @@ def reruns(run_env, reference, tmp_path_factory):
   for case, (damage, _) in DAMAGE.items():
     shutil.copytree(reference, root / case)
     f = damage(root / case / 'checkpoints' / '8')
-    damaged[case] = (f.relative_to(root / case / 'checkpoints' / '8'), _file_hash(f))
+    damaged[case] = (os.path.relpath(f, root / case / 'checkpoints' / '8'), _file_hash(f))
     jobs.append({'name': case, 'workdir': str(root / case)})
   # A fresh run from the damaged step (a copy: its own workdir's re-run moves it aside first).
   shutil.copytree(root / 'random_bytes' / 'checkpoints' / '8',

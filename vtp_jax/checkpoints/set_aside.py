@@ -52,7 +52,7 @@ def move(root: paths.Path, step: int, aside: paths.Path) -> None:
     return
   if not (aside / MARKER).exists():
     files = paths.files_under(source)
-    files.sort(key=lambda f: f.name == MARKER)  # the marker last
+    files.sort(key=lambda f: f == source / MARKER)  # the step's marker last
     for f in files:
       target = aside / os.path.relpath(os.fspath(f), os.fspath(source))
       f.copy(target, overwrite=True)

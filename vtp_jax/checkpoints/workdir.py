@@ -41,12 +41,13 @@ def _why_unwritable(workdir: paths.Path, error: BaseException) -> str:
   if module.startswith('google.auth') or name in ('DefaultCredentialsError', 'RefreshError'):
     return (f'{workdir}: no credentials to reach the bucket ({_cause(error)}); run `gcloud auth '
             'application-default login`, set GOOGLE_APPLICATION_CREDENTIALS, or run on a VM '
-            'whose service account may write it')
+            'whose service account may write it.')
   if 'Forbidden' in str(error) or isinstance(error, PermissionError) or getattr(
       error, 'errno', None) in (errno.EACCES, errno.EPERM, errno.EROFS):
     return (f'{workdir}: this account may not write there ({_cause(error)}); grant it write '
-            'access (roles/storage.objectAdmin on the bucket) or choose another --workdir')
-  return f'{workdir}: cannot write there ({_cause(error)}); fix the cause or choose another --workdir'
+            'access (roles/storage.objectAdmin on the bucket) or choose another --workdir.')
+  return (f'{workdir}: cannot write there ({_cause(error)}); fix the cause or choose another '
+          '--workdir.')
 
 
 def check(workdir, process_index: int = 0, process_count: int = 1) -> None:
@@ -62,7 +63,7 @@ def check(workdir, process_index: int = 0, process_count: int = 1) -> None:
     if not exists:
       raise WorkdirError(f'{workdir}: the bucket {bucket} does not exist (or this account may not '
                          f'see it); create it (gcloud storage buckets create {bucket}) or fix '
-                         '--workdir')
+                         '--workdir.')
   run = _shared_name(process_count)
   probe = workdir / PROBES / run / f'process_{process_index}'
   problem = None
@@ -80,7 +81,7 @@ def check(workdir, process_index: int = 0, process_count: int = 1) -> None:
         lost = sorted({i for per_process in unseen for i in per_process})
         problem = (f'{workdir} is not shared by the processes of this run: process(es) '
                    f'{[p for p, u in enumerate(unseen) if u]} do not see the files of process(es) '
-                   f'{lost}; use a bucket (gs://...) or a filesystem every host mounts')
+                   f'{lost}; use a bucket (gs://...) or a filesystem every host mounts.')
   try:
     probe.unlink()
   except OSError:

@@ -106,7 +106,8 @@ class Writer:
   metrics.jsonl holds each logged step once: a run resumed at `start_step` first drops the rows a
   killed run wrote after that step (it logs them again). On a disk rows are appended; a bucket
   cannot append, so there the file is rewritten whole at each log line (one object upload,
-  atomic: a kill leaves the previous version; docs/checkpoints.md, 'Workdirs in a bucket').
+  atomic: a kill leaves the previous version), and the TensorBoard events are written locally and
+  uploaded (`_EventsInBucket`; docs/checkpoints.md, 'Workdirs in a bucket').
   """
 
   def __init__(self, workdir, enabled: bool, start_step: int | None = None):
@@ -124,8 +125,8 @@ class Writer:
         paths.write_whole(self._path, ''.join(self._lines))
       if not self._bucket:
         self._jsonl = self._path.open('a', encoding='utf-8')
-      from tensorboardX import SummaryWriter  # local: only process 0 needs it
-      self._tb = SummaryWriter(logdir=os.fspath(workdir / 'tensorboard'))
+      self._tb = (_EventsInBucket(workdir / 'tensorboard') if self._bucket
+                  else _summary_writer(os.fspath(workdir / 'tensorboard')))
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
@@ -153,6 +154,54 @@ class Writer:
       if self._jsonl is not None:
         self._jsonl.close()
       self._tb.close()
+
+
+def _summary_writer(logdir: str, suffix: str = ''):
+  from tensorboardX import SummaryWriter  # local: only process 0 needs it
+  return SummaryWriter(logdir=logdir, filename_suffix=suffix)
+
+
+class _EventsInBucket:
+  """TensorBoard events for a folder in a bucket: tensorboardX writes a local event file, and each
+  flush uploads it whole (an object cannot be appended to). Once a file passes `segment_bytes` a
+  new one is started, so no upload is larger; TensorBoard reads every event file of the folder."""
+
+  def __init__(self, folder, segment_bytes: int = 8 << 20):
+    import tempfile  # local: bucket workdirs only
+    self._folder, self._segment_bytes = folder, segment_bytes
+    self._local = tempfile.TemporaryDirectory(prefix='vtp_jax_events_')
+    self._segment = 0
+    self._writer = self._open()
+
+  def _open(self):
+    self._segment += 1
+    return _summary_writer(os.path.join(self._local.name, str(self._segment)),
+                           suffix=f'.{self._segment}')
+
+  def _upload(self) -> None:
+    folder = os.path.join(self._local.name, str(self._segment))
+    for name in os.listdir(folder):
+      paths.path(os.path.join(folder, name)).copy(self._folder / name, overwrite=True)
+
+  def add_scalar(self, *args):
+    self._writer.add_scalar(*args)
+
+  def add_image(self, *args, **kwargs):
+    self._writer.add_image(*args, **kwargs)
+
+  def flush(self) -> None:
+    self._writer.flush()
+    self._upload()
+    folder = os.path.join(self._local.name, str(self._segment))
+    if sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)) > (
+        self._segment_bytes):
+      self._writer.close()
+      self._writer = self._open()
+
+  def close(self) -> None:
+    self._writer.close()
+    self._upload()
+    self._local.cleanup()
 
 
 def _json_number(value):
