@@ -1,5 +1,5 @@
-"""launch/: two CPU processes joined by jax.distributed (gloo) train and checkpoint through
-launch/local_processes.sh, then one process resumes the run; main.py's exit codes; the recipes
+"""launch/: two CPU processes joined by jax.distributed (gloo) train and checkpoint into a bucket
+through launch/local_processes.sh, then one process resumes the run; main.py's exit codes; the recipes
 parse as shell."""
 
 import json
@@ -16,6 +16,7 @@ import pytest
 
 from conftest import FAST_COMPILE, MICRO_CONFIG
 from vtp_jax import checkpoints
+from vtp_jax import paths
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH = REPO / 'launch'
@@ -42,9 +43,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.heavy
-def test_two_processes_train_and_checkpoint_then_one_process_resumes(launch_env, tmp_path):
+def test_two_processes_train_and_checkpoint_then_one_process_resumes(launch_env, gcs):
+  """In a bucket (a local GCS server), as a pod run keeps its work."""
   config_file, env = launch_env
-  work = tmp_path / 'work'
+  work = paths.path(gcs.bucket('vtp-two-processes')) / 'work'
   two = subprocess.run(
       [str(LAUNCH / 'local_processes.sh'), '2', f'--config={config_file}', f'--workdir={work}',
        '--config.train.stop_after_steps=4'],
@@ -57,8 +59,8 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(launch_env,
   step_dir = checkpoints.checkpoint_root(work) / '4'
   assert checkpoints.latest_step_dir(work) == step_dir
   # The Grain iterator state of each process is saved beside the (collectively written) state.
-  assert {p.name for p in (step_dir / 'data_iter').glob('process_*.json')} == {
-      'process_0-of-2.json', 'process_1-of-2.json'}
+  assert paths.child_names(step_dir / 'data_iter') == [
+      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
   saved = jax.tree.map(np.asarray, checkpoints.load_item(step_dir, 'params'))
 
   one = subprocess.run(
