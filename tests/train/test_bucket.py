@@ -21,7 +21,7 @@ import pytest
 
 import gcs_server
 from conftest import FAST_COMPILE, MICRO_CONFIG
-from test_checkpoint_damage import DAMAGE, _file_hash
+from test_checkpoint_damage import DAMAGE, _file_hash, _run_jobs
 from vtp_jax import checkpoints
 from vtp_jax import paths
 
@@ -33,7 +33,7 @@ STEPS = ['--config.train.steps=8', '--config.train.checkpoint_every=2',
 @pytest.fixture(scope='module')
 def run_env(tmp_path_factory):
   base = tmp_path_factory.getbasetemp()
-  config_file = base / 'bucket_micro.py'
+  config_file = base / 'damage_micro.py'  # the name test_checkpoint_damage's jobs import
   config_file.write_text(MICRO_CONFIG)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
              XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=1',
@@ -75,8 +75,8 @@ def bucket(gcs):
 def reference(run_env, bucket):
   """The uninterrupted run in the bucket: steps 4, 6 and 8 kept."""
   work = f'{bucket}/reference'
-  run = _main(run_env, work)
-  assert run.returncode == 0, run.stderr[-3000:]
+  results, _ = _run_jobs(run_env, [{'name': 'reference', 'workdir': work}])
+  assert results['reference']['summary']['step'] == 8
   assert paths.child_names(f'{work}/checkpoints') == ['4', '6', '8']
   return work
 
@@ -125,22 +125,36 @@ def _damaged_copy(reference, work, case):
   return os.path.relpath(os.fspath(f), f'{work}/checkpoints/8'), _file_hash(f)
 
 
+@pytest.fixture(scope='module')
+def damaged_reruns(run_env, bucket, reference):
+  """Each damage of the newest step applied to a copy of the reference in the bucket, and every
+  copy re-run, in one process (tests/train/test_checkpoint_damage.py's jobs)."""
+  damaged, jobs = {}, []
+  for case in DAMAGE:
+    work = f'{bucket}/damaged-{case}'
+    damaged[case] = _damaged_copy(reference, work, case)
+    jobs.append({'name': case, 'workdir': work})
+  results, logs = _run_jobs(run_env, jobs)
+  return damaged, results, logs
+
+
 @pytest.mark.heavy
 @pytest.mark.parametrize('case', list(DAMAGE))
 def test_a_damaged_newest_step_in_the_bucket_is_set_aside_and_the_run_resumes(
-    run_env, bucket, reference, case):
-  work = f'{bucket}/damaged-{case}'
-  relative, digest = _damaged_copy(reference, work, case)
-  run = _main(run_env, work)
-  assert run.returncode == 0, run.stderr[-3000:]
+    damaged_reruns, bucket, reference, case):
+  damaged, results, logs = damaged_reruns
+  work, log = f'{bucket}/damaged-{case}', logs[case]
   lines = re.findall(r'Checkpoint step (\d+) is unreadable \((.*)\); moved to (\S+); resuming '
-                     r'from step (\d+)\.', run.stderr)
-  assert len(lines) == 1, run.stderr[-3000:]
+                     r'from step (\d+)\.', log)
+  assert len(lines) == 1, log[-3000:]
   step, cause, aside, resumed = lines[0]
   assert (step, resumed, aside) == ('8', '6', f'{work}/checkpoints/8.unreadable'), lines[0]
   assert re.fullmatch(DAMAGE[case][1], cause), cause
-  assert 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert 'Traceback' not in log, log[-3000:]
+  assert results[case]['summary'] == {'start_step': 6, 'preempted': False, 'step': 8,
+                                      'last_checkpoint': 8}
   assert paths.child_names(f'{work}/checkpoints') == ['4', '6', '8', '8.unreadable']
+  relative, digest = damaged[case]
   assert _file_hash(f'{aside}/{relative}') == digest  # kept as it was
   _assert_bit_identical(_params(reference), _params(work))
 

@@ -133,8 +133,8 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   hlo = compiled.as_text()
   if dump_hlo:
-    with open(dump_hlo, 'w') as f:
-      f.write(hlo)
+    from vtp_jax import paths  # local: only when asked for
+    paths.write_whole(dump_hlo, hlo)
   # The network boundary: TPU slices, or the hosts of GPU nodes.
   slice_of = [(getattr(d, 'slice_index', None) or 0) if target.platform == 'tpu'
               else d.process_index for d in mesh.devices.flat]

@@ -143,8 +143,8 @@ def run(config, target, argv, flags) -> None:
   if best is None:
     print('\nNo candidate fits: raise the slice, lower data.batch_size, or try remat=full.')
   if flags.plan_reports:
-    with open(flags.plan_reports, 'w') as f:
-      json.dump(rows, f, indent=1)
+    from vtp_jax import paths  # local: only when asked for
+    paths.write_whole(flags.plan_reports, json.dumps(rows, indent=1))
   if best is None:
     return
   command = ['python', '-m', 'vtp_jax.bench.aot'] + base + _candidate_args(

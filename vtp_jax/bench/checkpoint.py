@@ -1,7 +1,7 @@
 """Benchmark what checkpoint digests cost and print JSON.
 
   python -m vtp_jax.bench.checkpoint --config=configs/vtp_s.py [--steps=3] [--rounds=2]
-      [--config.data.batch_size=8 ...]
+      [--root=gs://BUCKET/scratch] [--config.data.batch_size=8 ...]
 
 The real train step and state of `config` (bench/common.py) run `--steps` steps in each of three
 modes: no saves, an async save after every step without digests, and the same with digests (a save
@@ -12,13 +12,19 @@ timed as the loop lives it: the poll of the save in flight, the step, and the sa
 (blocking part, and until committed) and restores of the newest step (`Checkpoints.restore`,
 which checks the digests when they were saved); and the hashing of the whole state on its own
 (host copies already made), as bytes/s. docs/checkpoints.md, 'What the digests cost', quotes it.
+
+`--root` names where the checkpoints go: a fresh local temporary folder by default, or a folder in
+a bucket (bucket mode; it is emptied at the end), which 'Workdirs in a bucket' quotes.
 """
 
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -27,6 +33,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file', lock_co
 flags.DEFINE_integer('steps', 3, 'steps timed per mode and round, after one warm-up step')
 flags.DEFINE_integer('rounds', 2, 'rounds over the three modes')
 flags.DEFINE_integer('saves', 3, 'saves and restores timed on their own per digest mode')
+flags.DEFINE_string('root', '', 'where the checkpoints go (a gs:// folder: bucket mode); default a '
+                    'local temporary folder')
 FLAGS = flags.FLAGS
 
 _MODES = ('no_saves', 'saves_without_digests', 'saves_with_digests')
@@ -34,6 +42,21 @@ _MODES = ('no_saves', 'saves_without_digests', 'saves_with_digests')
 
 def _summary(times: list[float]) -> dict:
   return {'median_s': statistics.median(times), 'all_s': [round(t, 4) for t in times]}
+
+
+@contextlib.contextmanager
+def _scratch(root: str):
+  """A folder for the saves: a local temporary one, or a fresh one under `root` removed after."""
+  if not root:
+    with tempfile.TemporaryDirectory(prefix='vtp_bench_ckpt_') as scratch:
+      yield scratch
+    return
+  from vtp_jax import paths  # local: flags parse before anything heavy loads
+  scratch = paths.path(root) / f'vtp_bench_ckpt_{uuid.uuid4().hex[:8]}'
+  try:
+    yield os.fspath(scratch)
+  finally:
+    paths.remove_tree(scratch)
 
 
 def main(argv):
@@ -54,7 +77,7 @@ def main(argv):
 
   step_times = {mode: [] for mode in _MODES}
   save_blocking = {mode: [] for mode in _MODES[1:]}
-  with tempfile.TemporaryDirectory(prefix='vtp_bench_ckpt_') as scratch:
+  with _scratch(FLAGS.root) as scratch:
     managers = {mode: manager.Checkpoints(f'{scratch}/{mode}', keep=2,
                                               digests=mode == 'saves_with_digests')
                 for mode in _MODES[1:]}
@@ -108,6 +131,7 @@ def main(argv):
                  'remat': config.precision.remat_policy},
       'devices': [str(d.device_kind) for d in jax.devices()][:1] + [len(jax.devices())],
       'mesh': dict(mesh.shape),
+      'root': FLAGS.root or 'local temporary folder',
       'state_arrays': len(jax.tree.leaves(state)),
       'state_bytes': state_bytes,
       'steps_per_mode_and_round': FLAGS.steps, 'rounds': FLAGS.rounds,

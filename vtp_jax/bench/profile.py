@@ -102,8 +102,12 @@ def main(argv):
 
   _, compiled, run, state = common.warmed_up_step(_CONFIG.value)
 
+  from vtp_jax import paths
+
   with tempfile.TemporaryDirectory() as scratch:
-    trace_dir = pathlib.Path(FLAGS.trace_dir or scratch)
+    # jax.profiler writes through the local filesystem: a bucket gets a copy of the trace after.
+    local = not FLAGS.trace_dir or paths.is_bucket(FLAGS.trace_dir)
+    trace_dir = pathlib.Path(scratch if local else FLAGS.trace_dir)
     jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
     t0 = time.perf_counter()
     for _ in range(FLAGS.steps):
@@ -112,6 +116,8 @@ def main(argv):
     traced_s = time.perf_counter() - t0
     jax.profiler.stop_trace()
     events = _read_trace(trace_dir)
+    if FLAGS.trace_dir and local:
+      paths.copy_tree(trace_dir, FLAGS.trace_dir)
 
   per_step = collections.Counter({op: micros / FLAGS.steps
                                   for op, micros in op_durations(events).items()})
