@@ -5,7 +5,10 @@
 Re-running the same command resumes from the workdir's latest complete checkpoint. Every process of
 a multi-host job runs this same command (see launch/README.md). Exit status: 0 when trained or
 preempted after saving, 2 for a config that cannot run or a workdir whose checkpoints none reads
-(docs/checkpoints.md), 1 when the loss diverged (train.nan_policy=stop) or a checkpoint save failed.
+(docs/checkpoints.md), 1 when the loss diverged (train.nan_policy=stop) or a checkpoint save failed,
+3 when another process of a multi-process run died or stopped answering (the last stderr line
+names it and the step that re-running the same command on every host resumes from;
+vtp_jax/train/peers.py).
 """
 
 import logging as std_logging
@@ -59,4 +62,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from vtp_jax.driver import command_line
+  app.run(main, flags_parser=lambda argv: command_line.parse_or_exit(
+      argv, flags.FLAGS, lambda: _CONFIG.value.get('train')))  # the config loads lazily

@@ -95,6 +95,33 @@ def test_main_exits_2_with_one_line_for_a_bad_config(launch_env, tmp_path):
                     "present; set mesh.data=-1 or fix the sizes."]
 
 
+@pytest.mark.parametrize('flags, line', [
+    (['--config.train.no_such_key=1'],
+     r"error: --config\.train\.no_such_key: the config has no key 'train\.no_such_key'; did you "
+     r"mean train\.\w+(, train\.\w+)*\? configs/base\.py lists every key with a comment\."),
+    (['--config.train.stepz=3'], r"error: --config\.train\.stepz: .*did you mean train\.steps.*"),
+    (['--config.train.steps=abc'], r"error: --config\.train\.steps=abc: .*invalid literal for int"
+     r"\(\).*; give a value of the key's type\."),
+    (['--config.optim.warmup_steps=100000'],
+     r'error: optim\.warmup_steps=100000 must lie in \[0, train\.steps=40\]; lower it \(or raise '
+     r'train\.steps\)\.'),
+    ('missing_file', r'error: --config=configs/vtp_tny\.py: no such config file; did you mean '
+     r'configs/vtp_tiny\.py.*'),
+])
+def test_a_config_mistake_is_one_line_on_stderr_and_exit_2(launch_env, tmp_path, flags, line):
+  config_file, env = launch_env
+  config = ['--config=configs/vtp_tny.py'] if flags == 'missing_file' else [
+      f'--config={config_file}', *flags]
+  run = subprocess.run([sys.executable, str(LAUNCH / 'main.py'), *config, f'--workdir={tmp_path}'],
+                       env=dict(env, XLA_FLAGS=FAST_COMPILE), capture_output=True, text=True,
+                       cwd=REPO, timeout=300)
+  assert run.returncode == 2, run.stderr[-3000:]
+  errors = [x for x in run.stderr.splitlines() if x.startswith('error: ')]
+  assert len(errors) == 1 and run.stderr.strip().splitlines()[-1] == errors[0], run.stderr[-3000:]
+  assert re.fullmatch(line, errors[0]), errors[0]
+  assert 'Traceback' not in run.stderr
+
+
 @pytest.mark.parametrize('recipe', ['local_processes.sh', 'tpu_pod.sh', 'slurm_gpu.sbatch'])
 def test_recipes_are_valid_shell_and_show_usage(recipe):
   subprocess.run(['bash', '-n', str(LAUNCH / recipe)], check=True)
