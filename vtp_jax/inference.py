@@ -39,7 +39,8 @@ class Tokenizer:
   @classmethod
   def load(cls, path, compute_dtype: str = 'float32', batch_size: int | None = None):
     """Restores a checkpoint folder (config.json + params, as the tools write) or a training
-    workdir (its latest complete checkpoint, launch/main.py's --workdir).
+    workdir (its latest complete checkpoint, launch/main.py's --workdir), local or in a bucket
+    (`gs://BUCKET/...`: vtp_jax/checkpoints reads both).
 
     `compute_dtype` overrides the training precision: float32 (default) matches the reference
     implementation to float32 rounding; 'bfloat16' is faster on accelerators.

@@ -23,6 +23,16 @@ from etils import epath
 for _protocol in ('gs', 'gcs'):
   fsspec.config.conf.setdefault(_protocol, {}).setdefault('use_listings_cache', False)
 
+
+def _fresh_filesystems_after_fork() -> None:
+  """gcsfs's filesystem object is not fork-safe (its event loop and sessions belong to the
+  parent): a forked child, such as a data worker, builds its own on first use."""
+  from etils.epath import backend  # local: etils' cache of filesystems by protocol
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+os.register_at_fork(after_in_child=_fresh_filesystems_after_fork)
+
 Path = epath.Path
 PathLike = epath.PathLike
 

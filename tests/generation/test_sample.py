@@ -22,7 +22,7 @@ from vtp_jax.train import state as state_lib
 
 
 @pytest.fixture(scope='module')
-def checkpoints(tmp_path_factory):
+def saved(tmp_path_factory):
   """(generator workdir at its initial state, tokenizer folder, the latent statistics)."""
   root = tmp_path_factory.mktemp('sample')
   stats = write_latents(root / 'latents', n=4, shards=1)
@@ -42,8 +42,8 @@ def checkpoints(tmp_path_factory):
   return root / 'gen', root / 'tok', stats
 
 
-def test_sample_writes_images_labels_and_grid_decoded_by_the_tokenizer(checkpoints, tmp_path):
-  gen_dir, tok_dir, _ = checkpoints
+def test_sample_writes_images_labels_and_grid_decoded_by_the_tokenizer(saved, tmp_path):
+  gen_dir, tok_dir, _ = saved
   result = sample.run(str(gen_dir), str(tok_dir), 5, str(tmp_path), labels='2,0', steps=3,
                       solver='heun', cfg_scale=2.0)
   assert result['images'] == 5 and result['shape'] == [32, 32, 3]
@@ -60,10 +60,10 @@ def test_sample_writes_images_labels_and_grid_decoded_by_the_tokenizer(checkpoin
   assert np.abs(again.astype(int) - images.astype(int)).max() <= 1  # float rounding at .5
 
 
-def test_an_untrained_generator_returns_its_noise_in_the_tokenizers_latent_space(checkpoints):
+def test_an_untrained_generator_returns_its_noise_in_the_tokenizers_latent_space(saved):
   """The output layer starts at zero, so v = 0 and the ODE leaves the noise unchanged: the latents
   are N(0, I) mapped back by z * std + mean with the exported statistics."""
-  gen_dir, _, stats = checkpoints
+  gen_dir, _, stats = saved
   gen = Generator.load(gen_dir, weights='params')
   z = gen.sample_latents(np.zeros(64, np.int32), seed=1, steps=2)
   unit = ((z - stats['mean']) / stats['std']).reshape(-1, z.shape[-1])  # 256 values a channel

@@ -9,9 +9,11 @@ truncated to the context length). `--list_keys` runs exactly one pass over the s
 process's share) instead of `--batches`, keeping the last partial batch, and lists the key of
 every record used and of every record skipped with its reason. `--save_grid` draws the first
 batch: CLIP views, reconstruction views, then each SSL example's two global crops (iBOT mask in
-red) followed by its local crops.
+red) followed by its local crops. The source and --save_grid may be local or in a bucket
+(`gs://BUCKET/...`).
 """
 
+import io
 import json
 
 import numpy as np
@@ -125,7 +127,10 @@ def main(argv):
   if f.save_grid:
     if first is None:
       raise SystemExit('no batch was produced, so there is nothing to draw; check the source.')
-    Image.fromarray(grid(first, config)).save(f.save_grid)
+    from vtp_jax import paths  # pylint: disable=g-import-not-at-top
+    buf = io.BytesIO()
+    Image.fromarray(grid(first, config)).save(buf, format='PNG')
+    paths.write_whole(f.save_grid, buf.getvalue())
     report['grid'] = f.save_grid
   print(json.dumps(report))
 

@@ -9,6 +9,8 @@ whether it learned to see and to read.
 The TFDS builder `VtpShapes` (name 'vtp_shapes') writes array_record files with no network;
 `prepare(data_dir, num_train, num_val, image_size)` builds it. Sizes live in the builder config
 name ('train20000_val2000_px64'), so differently sized preparations sit side by side in data_dir.
+data_dir may be a bucket (`gs://BUCKET/...`): TFDS reads it there itself, and `prepare` renders
+into a local temporary folder and uploads the result (ArrayRecord cannot write to a bucket).
 """
 
 from concurrent import futures
@@ -19,6 +21,7 @@ import functools
 import io
 import multiprocessing
 import os
+import tempfile
 import time
 import zlib
 
@@ -26,6 +29,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image, ImageDraw
+
+from vtp_jax import paths
 
 # Eight hues spaced around the colour wheel, saturated so they stand out on the grey-ish
 # backgrounds below.
@@ -336,6 +341,8 @@ def prepare(data_dir, num_train: int, num_val: int, image_size: int) -> VtpShape
   b = builder(data_dir, num_train, num_val, image_size)
   if b.is_prepared():
     return b
+  if data_dir and paths.is_bucket(data_dir):
+    return _prepare_in_bucket(data_dir, num_train, num_val, image_size)
   with _file_lock(os.path.join(os.path.dirname(os.fspath(b.data_dir)), '.prepare.lock')):
     b = builder(data_dir, num_train, num_val, image_size)  # another process may have finished it
     if not b.is_prepared():
@@ -347,3 +354,23 @@ def prepare(data_dir, num_train: int, num_val: int, image_size: int) -> VtpShape
       logging.info('Prepared vtp_shapes in %.1f s.', time.perf_counter() - start)
       b = builder(data_dir, num_train, num_val, image_size)
   return b
+
+
+def _prepare_in_bucket(data_dir, num_train: int, num_val: int, image_size: int) -> VtpShapes:
+  """`prepare` for a data_dir in a bucket: rendered into a local temporary folder, then its
+  variant folder (vtp_shapes/<config>/<version>) uploaded file by file, dataset_info.json last:
+  TFDS counts a variant folder as prepared once that file exists, so a reader never finds half a
+  dataset. Processes preparing at once each upload the same files (no lock in a bucket); the
+  copies are identical and each object is written whole."""
+  with tempfile.TemporaryDirectory(prefix='vtp_shapes_') as tmp:
+    local = prepare(tmp, num_train, num_val, image_size)
+    variant = paths.path(local.data_dir)
+    target = paths.path(builder(data_dir, num_train, num_val, image_size).data_dir)
+    files = paths.files_under(variant)
+    files.sort(key=lambda f: f.name == 'dataset_info.json')  # stable: that one last
+    logging.info('Uploading vtp_shapes %s to %s ...', local.builder_config.name, target)
+    for f in files:
+      dst = target / os.path.relpath(os.fspath(f), os.fspath(variant))
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      f.copy(dst, overwrite=True)
+  return builder(data_dir, num_train, num_val, image_size)

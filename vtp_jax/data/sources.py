@@ -8,6 +8,11 @@
   folder:PATH          images (jpg/jpeg/png/webp, recursive) with same-named .txt captions.
   shapes[:SPLIT]       the embedded vtp_shapes dataset, prepared on first use (data/shapes.py).
 
+Every path and glob may be local or in a bucket (`gs://BUCKET/...`, through vtp_jax/paths.py):
+tar members are read by byte range (seek + read on an open object), ArrayRecord files by
+ArrayRecord's own GCS reader, TFDS's data_dir by TFDS. A bucket glob takes `*`, `?` and `[...]`
+in any folder but not `**` (each folder level is a listing: name the levels).
+
 Every source is a `grain.RandomAccessDataSource` (len, getitem, a stable repr for Grain's
 checkpoint check) that pickles without open files, and yields raw records
 {'key': str, 'image': bytes | None, 'caption': str | None, 'label': int}; vtp_jax/data/decode.py
@@ -15,9 +20,10 @@ turns them into pixels or a counted skip. TFDS image features are read undecoded
 (`SkipDecoding`); a non-Image feature arrives as a uint8 array, which decode_record also accepts.
 """
 
-import glob
+import glob as glob_lib
 import json
 import os
+import posixpath
 import re
 import struct
 import threading
@@ -26,6 +32,7 @@ from collections import OrderedDict
 import numpy as np
 from absl import logging
 
+from vtp_jax import paths as paths_lib
 from vtp_jax.data import tar_index
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
@@ -59,35 +66,82 @@ def parse_record(data: bytes) -> dict:
           'label': int(header['label'])}
 
 
+_GLOB_CHARS = frozenset('*?[')
+
+
+def _split_scheme(path: str) -> tuple[str, str]:
+  """'gs://b/x' -> ('gs://', 'b/x'); a local path -> ('', path)."""
+  scheme, sep, rest = path.partition('://')
+  return (scheme + sep, rest) if sep else ('', path)
+
+
+def glob_files(pattern: str) -> list[str]:
+  """Files matching one glob, sorted: local ('~' expanded; `**` recursive, hidden names only
+  where the pattern names them, as glob.glob) or in a bucket (`*`, `?`, `[...]` in any folder;
+  `**` refused: every folder level below would be a listing). A pattern without glob characters
+  is that one file if it exists."""
+  if not paths_lib.is_bucket(pattern):
+    # A disk: glob.glob itself, since etils.epath (under vtp_jax.paths) refuses `**` even on a
+    # disk, and a recursive glob over local shards is the cheap, established way to name them.
+    pattern = os.path.expanduser(pattern)
+    return sorted(os.fspath(paths_lib.path(p)) for p in glob_lib.glob(pattern, recursive=True)
+                  if os.path.isfile(p))
+  scheme, rest = _split_scheme(pattern)
+  parts = rest.split('/')
+  first = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), None)
+  if first is None:
+    return [pattern] if paths_lib.path(pattern).is_file() else []
+  if first == 0:
+    raise ValueError(f'{pattern!r}: the bucket name cannot be a glob.')
+  if '**' in rest:
+    raise ValueError(f'{pattern!r}: `**` is not taken in a bucket (every folder below would be '
+                     'listed); write a `*` per folder level, e.g. gs://BUCKET/data/*/*.tar.')
+  root = paths_lib.path(scheme + '/'.join(parts[:first]))
+  # A bucket has no folders to mistake for files (a folder is a prefix of object names, and a
+  # glob of names with the file's extension matches objects): no request per match to check it.
+  return sorted(os.fspath(p) for p in root.glob('/'.join(parts[first:])))
+
+
 def expand_paths(pattern: str, *, folder_ext: str | None = None, what: str = 'files') -> list:
-  """Sorted files matching comma-separated globs ('~' expanded); a folder means folder/*.ext."""
-  paths = []
+  """Sorted files matching comma-separated globs (local or in a bucket, see glob_files); a folder
+  means folder/*.ext."""
+  found = []
   for part in [p.strip() for p in pattern.split(',') if p.strip()]:
-    part = os.path.expanduser(part)
-    if folder_ext and os.path.isdir(part):
-      part = os.path.join(part, f'*.{folder_ext}')
-    paths.extend(p for p in glob.glob(part, recursive=True) if os.path.isfile(p))
-  if not paths:
+    if not paths_lib.is_bucket(part):
+      part = os.path.expanduser(part)
+    if folder_ext and not _GLOB_CHARS & set(part) and paths_lib.path(part).is_dir():
+      part = os.fspath(paths_lib.path(part) / f'*.{folder_ext}')
+    found.extend(glob_files(part))
+  if not found:
     raise FileNotFoundError(f'No {what} match {pattern!r}. Check the path or glob in '
                             '--config.data.source.')
-  return sorted(set(paths))
+  return sorted(set(found))
 
 
-def _short_names(paths: list) -> list:
-  """Paths relative to their common folder: unique, short record-key prefixes."""
-  root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
-  return [os.path.relpath(os.path.abspath(p), root) for p in paths]
+def _short_names(files: list) -> list:
+  """Paths relative to their common folder: unique, short record-key prefixes (the same for a
+  folder of shards wherever it lies, a disk or a bucket)."""
+  split = [_split_scheme(os.fspath(paths_lib.path(f))) for f in files]
+  if len({scheme for scheme, _ in split}) > 1:  # a disk and a bucket at once: keep them whole
+    return [os.fspath(paths_lib.path(f)) for f in files]
+  root = posixpath.commonpath([posixpath.dirname(rest) for _, rest in split])
+  return [posixpath.relpath(rest, root) for _, rest in split]
 
 
 class TarSource:
-  """Records of WebDataset tar shards, read by byte offset through cached per-shard indexes."""
+  """Records of WebDataset tar shards, read by byte offset through cached per-shard indexes.
 
-  _MAX_OPEN = 128  # open shard files kept per process (LRU); beyond it the oldest is closed
+  A read seeks an open shard (a local file, or an object read by byte range) and reads the
+  member. Open shards wait in a pool between reads, so reads from several threads run at once
+  (each on its own handle) and a shard is not reopened per record; at most _MAX_OPEN idle
+  handles are kept per process, the least recently used closed first.
+  """
+
+  _MAX_OPEN = 128  # idle open shards kept per process (LRU); beyond it the oldest is closed
 
   def __init__(self, pattern: str, index_cache_dir: str | None = None, label_key: str = ''):
     self._pattern = pattern
-    self._paths = [os.path.abspath(p) for p in expand_paths(pattern, folder_ext='tar',
-                                                            what='tar shards')]
+    self._paths = expand_paths(pattern, folder_ext='tar', what='tar shards')
     self._names = _short_names(self._paths)
     self._label_key = label_key
     indexes = [tar_index.load_or_build(p, index_cache_dir) for p in self._paths]
@@ -99,12 +153,12 @@ class TarSource:
   def _init_handles(self):
     self._pid = os.getpid()
     self._lock = threading.Lock()
-    self._fds = OrderedDict()
+    self._idle = OrderedDict()  # shard -> [open handles not in use], least recently used first
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    for name in ('_pid', '_lock', '_fds'):
-      state.pop(name)  # file descriptors and locks do not cross process boundaries
+    for name in ('_pid', '_lock', '_idle'):
+      state.pop(name)  # open files and locks do not cross process boundaries
     return state
 
   def __setstate__(self, state):
@@ -112,16 +166,21 @@ class TarSource:
     self._init_handles()
 
   def close(self):
-    """Closes this process's open shard files (reads reopen them as needed)."""
+    """Closes this process's idle shard handles (reads reopen them as needed)."""
     with self._lock:
-      if self._pid == os.getpid():
-        for fd in self._fds.values():
-          os.close(fd)
-      self._fds = OrderedDict()
+      handles = [h for shard_handles in self._idle.values() for h in shard_handles]
+      self._idle.clear()
+      if self._pid != os.getpid():
+        return  # a fork's inherited handles belong to the parent
+    for handle in handles:
+      handle.close()
 
   def __del__(self):
     if hasattr(self, '_lock'):  # fully constructed
-      self.close()
+      try:
+        self.close()
+      except Exception:  # pylint: disable=broad-except  (interpreter shutdown: modules torn down)
+        pass
 
   def __len__(self) -> int:
     return int(self._starts[-1])
@@ -129,18 +188,44 @@ class TarSource:
   def __repr__(self) -> str:
     return f'TarSource(pattern={self._pattern!r}, shards={len(self._paths)}, records={len(self)})'
 
+  def _take(self, shard: int):
+    with self._lock:
+      if self._pid != os.getpid():  # forked: the inherited handles belong to the parent
+        self._pid, self._idle = os.getpid(), OrderedDict()
+      handles = self._idle.get(shard)
+      if handles:
+        return handles.pop()
+    return paths_lib.path(self._paths[shard]).open('rb')
+
+  def _give_back(self, shard: int, handle) -> None:
+    evicted = []
+    with self._lock:
+      if self._pid != os.getpid():
+        evicted.append(handle)
+      else:
+        self._idle.setdefault(shard, []).append(handle)
+        self._idle.move_to_end(shard)
+        while sum(len(h) for h in self._idle.values()) > self._MAX_OPEN:
+          oldest = next(iter(self._idle))
+          evicted.append(self._idle[oldest].pop(0))
+          if not self._idle[oldest]:
+            del self._idle[oldest]
+    for h in evicted:
+      h.close()
+
   def _read(self, shard: int, offset: int, size: int) -> bytes:
-    with self._lock:  # reads under the lock too, so an LRU eviction never closes an fd in use
-      if self._pid != os.getpid():  # forked: the inherited descriptors belong to the parent
-        self._pid, self._fds = os.getpid(), OrderedDict()
-      fd = self._fds.get(shard)
-      if fd is None:
-        fd = os.open(self._paths[shard], os.O_RDONLY)
-        self._fds[shard] = fd
-        if len(self._fds) > self._MAX_OPEN:
-          os.close(self._fds.popitem(last=False)[1])
-      self._fds.move_to_end(shard)
-      return os.pread(fd, size, offset)
+    handle = self._take(shard)
+    try:
+      handle.seek(offset)
+      data = handle.read(size)
+    except BaseException:
+      handle.close()
+      raise
+    self._give_back(shard, handle)
+    if len(data) != size:
+      raise OSError(f'{self._paths[shard]}: {len(data)} bytes at offset {offset} where its index '
+                    f'says {size}; the shard changed since it was indexed.')
+    return data
 
   def __getitem__(self, index) -> dict:
     index = int(index)
@@ -186,25 +271,30 @@ class FolderSource:
   """A folder of images with same-named .txt captions (a.jpg + a.txt); keys are relative paths."""
 
   def __init__(self, root: str):
-    root = os.path.abspath(os.path.expanduser(root))
-    if not os.path.isdir(root):
-      raise FileNotFoundError(f'folder source {root!r} is not a folder; set --config.data.source='
-                              'folder:PATH to a folder of images with .txt captions.')
-    self._root = root
+    if not paths_lib.is_bucket(root):
+      root = os.path.expanduser(root)
+    root_path = paths_lib.path(root)
+    if not root_path.is_dir():
+      raise FileNotFoundError(f'folder source {os.fspath(root_path)!r} is not a folder; set '
+                              '--config.data.source=folder:PATH to a folder of images with .txt '
+                              'captions.')
+    self._root = os.fspath(root_path)
     images, texts = [], set()
-    for folder, _, files in os.walk(root):
-      for name in files:
-        rel = os.path.relpath(os.path.join(folder, name), root)
-        stem, _, ext = rel.rpartition('.')
-        if ext.lower() in IMAGE_EXTS:
-          images.append(rel)
-        elif ext.lower() == 'txt':
-          texts.add(stem)
+    for path in paths_lib.files_under(root_path):  # one listing; in a bucket, of every object
+      rel = posixpath.relpath(_split_scheme(os.fspath(path))[1],
+                              _split_scheme(self._root)[1])
+      stem, _, ext = rel.rpartition('.')
+      if ext.lower() in IMAGE_EXTS:
+        images.append(rel)
+      elif ext.lower() == 'txt':
+        texts.add(stem)
     # Captions with no image stay visible as records, so a broken folder shows in the skip counts.
     stems = {p.rpartition('.')[0] for p in images}
     self._files = sorted(images) + sorted(f'{t}.txt' for t in texts - stems)
+    self._captioned = texts  # stems with a .txt: a read asks for no file that is not there
     if not self._files:
-      raise FileNotFoundError(f'folder source {root!r} holds no {"/".join(IMAGE_EXTS)} images.')
+      raise FileNotFoundError(f'folder source {self._root!r} holds no {"/".join(IMAGE_EXTS)} '
+                              'images.')
 
   def __len__(self) -> int:
     return len(self._files)
@@ -215,15 +305,13 @@ class FolderSource:
   def __getitem__(self, index) -> dict:
     rel = self._files[int(index)]
     stem, _, ext = rel.rpartition('.')
+    root = paths_lib.path(self._root)
     image = None
     if ext.lower() != 'txt':
-      with open(os.path.join(self._root, rel), 'rb') as f:
-        image = f.read()
+      image = (root / rel).read_bytes()
     caption = None
-    txt = os.path.join(self._root, stem + '.txt')
-    if os.path.exists(txt):
-      with open(txt, 'rb') as f:
-        caption = f.read().decode('utf-8', errors='replace')
+    if stem in self._captioned:
+      caption = (root / f'{stem}.txt').read_bytes().decode('utf-8', errors='replace')
     return {'key': rel, 'image': image, 'caption': caption, 'label': -1}
 
 
@@ -255,7 +343,8 @@ class TfdsSource:
                caption_key: str = 'caption', label_key: str = '', *, builder=None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if builder is None:
-      builder = tfds.builder(name, data_dir=data_dir or None)
+      # TFDS reads a data_dir in a bucket itself (a string: its own epath).
+      builder = tfds.builder(name, data_dir=os.fspath(data_dir) if data_dir else None)
       if not builder.is_prepared():
         raise FileNotFoundError(
             f'TFDS dataset {name!r} is not prepared in {builder.data_dir}. Prepare it first (for '

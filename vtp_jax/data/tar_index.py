@@ -3,12 +3,16 @@
 A shard holds members `KEY.jpg|jpeg|png|webp`, `KEY.txt` and optionally `KEY.json`, where KEY is
 the member path without its last extension; members with the same KEY form one record. Reading
 the member headers once gives every member's byte offset and size, so a record can later be read
-with two `pread`s instead of a scan: that is what makes tar shards random-access for Grain.
+with two byte-range reads instead of a scan: that is what makes tar shards random-access for Grain.
 
-The index is JSON, written atomically beside the shard (`SHARD.tar.idx.json`) or, when
-`cache_dir` is given or the shard's folder is not writable, in a cache folder under a name
-derived from the shard's absolute path. It records the shard's size and mtime; a shard that
-changed since is re-indexed.
+The index is JSON, written whole (vtp_jax/paths.py) beside the shard (`SHARD.tar.idx.json`) or,
+when `cache_dir` is given or the shard's folder is not writable, in a cache folder under a name
+derived from the shard's absolute path. It records the shard's size and version (a file's
+modification time, an object's generation); a shard that changed since is re-indexed.
+
+A shard may lie in a bucket (`gs://...`): it is scanned in one sequential read (a stream of the
+object, no request per member), its index is cached beside it in the bucket when the bucket is
+writable, else in the local DEFAULT_CACHE_DIR.
 """
 
 import dataclasses
@@ -16,12 +20,14 @@ import hashlib
 import json
 import os
 import tarfile
-import tempfile
 
+import fsspec
 import numpy as np
 from absl import logging
 
-INDEX_VERSION = 1
+from vtp_jax import paths
+
+INDEX_VERSION = 2
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'vtp_jax', 'tar_index')
 
@@ -37,15 +43,26 @@ class ShardIndex:
 
 
 def _fingerprint(path: str) -> dict:
-  st = os.stat(path)
-  return {'path': path, 'size': st.st_size, 'mtime_ns': st.st_mtime_ns, 'version': INDEX_VERSION}
+  """What changes when the shard does: its size and version, read from the filesystem layer under
+  vtp_jax.paths (epath's stat has whole seconds only): a local file's modification time (float
+  seconds, sub-second), an object's generation (a new one at every write)."""
+  fs, fs_path = fsspec.core.url_to_fs(path)
+  info = fs.info(fs_path)
+  changed = info.get('generation') or info.get('mtime')
+  if hasattr(changed, 'timestamp'):
+    changed = changed.timestamp()
+  return {'path': path, 'size': int(info['size']), 'changed': changed, 'version': INDEX_VERSION}
 
 
 def scan(path: str) -> ShardIndex:
-  """Reads the member headers of an uncompressed tar and groups members by KEY."""
+  """Reads the member headers of an uncompressed tar and groups members by KEY (a local shard by
+  seeking from header to header; a shard in a bucket as one stream, which reads the data too but
+  in a few large requests instead of one per member)."""
   records = {}  # key -> {'image': (off, size), 'text': ..., 'meta': ...}; dicts keep order
+  # 'r:' and 'r|' refuse compressed tars: they cannot be read at random offsets.
+  mode = 'r|' if paths.is_bucket(path) else 'r:'
   try:
-    with tarfile.open(path, mode='r:') as tar:  # 'r:' refuses compressed tars: they cannot seek
+    with paths.path(path).open('rb') as f, tarfile.open(fileobj=f, mode=mode) as tar:
       for member in tar:
         if not member.isfile():
           continue
@@ -74,14 +91,13 @@ def _cache_path(path: str, cache_dir: str | None) -> str:
   if cache_dir is None:
     return path + '.idx.json'
   digest = hashlib.sha1(path.encode()).hexdigest()[:16]
-  return os.path.join(cache_dir, f'{os.path.basename(path)}.{digest}.idx.json')
+  return os.fspath(paths.path(cache_dir) / f'{paths.path(path).name}.{digest}.idx.json')
 
 
 def _load(index_path: str, fingerprint: dict) -> ShardIndex | None:
   try:
-    with open(index_path) as f:
-      data = json.load(f)
-  except (OSError, ValueError):
+    data = json.loads(paths.path(index_path).read_text())
+  except Exception:  # pylint: disable=broad-except  (none, unreadable or forbidden: scan again)
     return None
   if data.get('fingerprint') != fingerprint:
     return None  # the shard changed (or moved) since it was indexed
@@ -92,21 +108,14 @@ def _load(index_path: str, fingerprint: dict) -> ShardIndex | None:
 
 
 def _save(index_path: str, fingerprint: dict, index: ShardIndex) -> bool:
-  """Writes atomically (temp file + rename); False when the folder is not writable."""
-  folder = os.path.dirname(index_path)
+  """Writes the index whole (paths.write_whole); False when it cannot be written there (a
+  read-only folder or bucket)."""
+  text = json.dumps({'fingerprint': fingerprint, 'keys': index.keys, 'image': index.image.tolist(),
+                     'text': index.text.tolist(), 'meta': index.meta.tolist()})
   try:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.idx.json')
-  except OSError:
-    return False
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump({'fingerprint': fingerprint, 'keys': index.keys, 'image': index.image.tolist(),
-                 'text': index.text.tolist(), 'meta': index.meta.tolist()}, f)
-    os.replace(tmp, index_path)
-  except OSError:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    paths.write_whole(index_path, text)
+  except Exception as e:  # pylint: disable=broad-except  (OSError locally, HTTP errors in a bucket)
+    logging.info('Could not cache the tar index at %s (%s: %s).', index_path, type(e).__name__, e)
     return False
   return True
 
@@ -115,11 +124,11 @@ def load_or_build(path: str, cache_dir: str | None = None) -> ShardIndex:
   """The shard's index from its cache when still valid, else scanned and cached.
 
   Args:
-    path: an uncompressed tar shard.
-    cache_dir: where to cache indexes; None caches beside the shard, falling back to
-      DEFAULT_CACHE_DIR when the shard's folder is not writable.
+    path: an uncompressed tar shard, local or in a bucket.
+    cache_dir: where to cache indexes (local or a bucket); None caches beside the shard, falling
+      back to DEFAULT_CACHE_DIR (local) when the shard's folder is not writable.
   """
-  path = os.path.abspath(path)
+  path = os.fspath(paths.path(path))
   fingerprint = _fingerprint(path)
   candidates = [_cache_path(path, cache_dir)]
   if cache_dir is None:

@@ -17,6 +17,10 @@ A generator (configs/dit_*.py) is evaluated with --task=generation (eval/generat
 gFID needs --fid_weights; on vtp_shapes the judge (eval/judge.py, trained on first use) adds
 judge_accuracy, its colour and shape parts, judge_fd and its own accuracy on the real images.
 --set overrides apply to the tokenizer's config (e.g. data.data_dir).
+
+Every path (--checkpoint, --tokenizer, --fid_weights, --judge_dir, --out, data sources, a class
+names file) may be local or in a bucket (`gs://BUCKET/...`). `--out=FILE` also writes the JSON
+object there, whole.
 """
 
 import json
@@ -42,6 +46,7 @@ flags.DEFINE_string('solver', None, "generation: 'euler' or 'heun' (default: con
 flags.DEFINE_integer('seed', 0, 'generation: sampling seed')
 flags.DEFINE_string('judge_dir', None, 'generation: vtp_shapes judge folder (default: by the data)')
 flags.DEFINE_bool('judge', True, 'generation: the vtp_shapes judge metrics (false skips them)')
+flags.DEFINE_string('out', None, 'also write the JSON result to this file (local or gs://...)')
 flags.mark_flags_as_required(['checkpoint', 'task'])
 FLAGS = flags.FLAGS
 
@@ -81,14 +86,23 @@ def _evaluate():
     ev.tasks = FLAGS.task
   metrics = runner.run_evals(tokenizer, config)
   if jax.process_index() == 0:
-    print(json.dumps({'checkpoint': str(FLAGS.checkpoint), 'tasks': ev.tasks,
-                      'dataset': ev.dataset, 'metrics': metrics}, sort_keys=True))
+    _report({'checkpoint': str(FLAGS.checkpoint), 'tasks': ev.tasks, 'dataset': ev.dataset,
+             'metrics': metrics})
+
+
+def _report(result: dict) -> None:
+  """Prints the result as one JSON line and, with --out, writes it there whole."""
+  text = json.dumps(result, sort_keys=True)
+  print(text)
+  if FLAGS.out:
+    from vtp_jax import paths
+    paths.write_whole(FLAGS.out, text + '\n')
 
 
 def _generation():
   import jax  # local: keeps --help fast
   from vtp_jax.eval import common
-  from vtp_jax.eval import fid
+  from vtp_jax.eval import fid_weights
   from vtp_jax.eval import generation
   from vtp_jax.generation.generator import Generator
   from vtp_jax.inference import Tokenizer
@@ -98,15 +112,14 @@ def _generation():
   tokenizer = Tokenizer.load(FLAGS.tokenizer, compute_dtype=FLAGS.compute_dtype)
   for assignment in FLAGS.set:
     common.apply_override(tokenizer.config, assignment)
-  fid_params = fid.load_params(FLAGS.fid_weights) if FLAGS.fid_weights else None
+  fid_params = fid_weights.load_params(FLAGS.fid_weights) if FLAGS.fid_weights else None
   metrics = generation.run(
       gen, tokenizer, FLAGS.dataset, num_images=FLAGS.num_images,
       max_real=FLAGS.max_examples or 0, fid_params=fid_params, judge_dir=FLAGS.judge_dir,
       judge=FLAGS.judge, seed=FLAGS.seed, cfg_scale=FLAGS.cfg_scale, steps=FLAGS.steps, solver=FLAGS.solver)
   if jax.process_index() == 0:
-    print(json.dumps({'checkpoint': str(FLAGS.checkpoint), 'tokenizer': str(FLAGS.tokenizer),
-                      'tasks': 'generation', 'dataset': FLAGS.dataset, 'metrics': metrics},
-                     sort_keys=True))
+    _report({'checkpoint': str(FLAGS.checkpoint), 'tokenizer': str(FLAGS.tokenizer),
+             'tasks': 'generation', 'dataset': FLAGS.dataset, 'metrics': metrics})
 
 
 if __name__ == '__main__':

@@ -152,9 +152,10 @@ def eval_images(config, dataset_spec: str, split: str | None = None,
 
 def class_names(config, dataset_spec: str) -> list[str]:
   """Readable class names indexed by label: evals.class_names file, shapes, or TFDS label names."""
-  if config.evals.class_names:
-    with open(config.evals.class_names) as f:
-      return [line.strip() for line in f if line.strip()]
+  if config.evals.class_names:  # a file of names, local or in a bucket
+    from vtp_jax import paths
+    text = paths.path(config.evals.class_names).read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
   kind = dataset_spec.split(':')[0]
   if kind == 'shapes':
     from vtp_jax.data import shapes

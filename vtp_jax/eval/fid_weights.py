@@ -12,13 +12,18 @@ Mapping: `X.conv.weight` (O, I, kh, kw) -> `X/conv/kernel` (kh, kw, I, O); `X.bn
 running_mean|running_var` -> `X/scale|bias|mean|var`. `fc.*` (the 1008-way logits),
 `AuxLogits.*` and `*.num_batches_tracked` are not used by pool3 and are dropped. Missing,
 unexpected and mis-shaped names are all listed in one error.
+
+Every file may be local or in a bucket (`gs://BUCKET/...`): it is read as bytes and written whole
+through vtp_jax/paths.py.
 """
 
+import io
 import os
 
 import jax
 import numpy as np
 
+from vtp_jax import paths
 from vtp_jax.eval import fid
 from vtp_jax.tools import reference_format
 
@@ -30,11 +35,10 @@ def read_arrays(path) -> dict:
   """{name: np.ndarray} from .npz or .safetensors (no torch)."""
   path = os.fspath(path)
   if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as f:
+    with np.load(io.BytesIO(paths.path(path).read_bytes()), allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
   if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    return load_file(path)
+    return reference_format.read_safetensors(path)
   raise ValueError(f'{path}: unsupported format. Give .npz or .safetensors; a torch .pth must be '
                    'converted with torch first (docs/evaluation.md has the two lines).')
 
@@ -96,14 +100,21 @@ def load_any(path) -> dict:
 
 
 def save(params: dict, path) -> None:
+  """The converted .npz ('/'-joined Flax names, float32), written whole; '.npz' is appended to a
+  name without it, as np.savez does."""
+  path = os.fspath(path)
+  if not path.endswith('.npz'):
+    path += '.npz'
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  np.savez(path, **{'/'.join(k.key for k in p): np.asarray(v, np.float32) for p, v in flat})
+  buf = io.BytesIO()
+  np.savez(buf, **{'/'.join(k.key for k in p): np.asarray(v, np.float32) for p, v in flat})
+  paths.write_whole(path, buf.getvalue())
 
 
 def load_params(path) -> dict:
   """FID Inception parameters from a converted .npz or a torch-named .npz / .safetensors."""
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise FileNotFoundError(f'FID weights {path} not found; see docs/evaluation.md for how to '
                             'convert pt_inception-2015-12-05-6726825d.pth, or set '
                             'evals.fid_weights to "" to skip rFID.')

@@ -14,14 +14,16 @@ weights; `load_or_train` refuses a judge under 90% on either factor. The default
 colour 1.000 and shape 0.952 on the 2000 validation images, training in 6.5 minutes on 2 CPU cores
 that other jobs were also using.
 
-The weights are prepared locally on first use, like the dataset: `DIR/vtp_shapes_judge/judge.npz`
-beside vtp_shapes in data.data_dir (or ~/.cache/vtp_jax when that is empty).
+The weights are prepared on first use, like the dataset: `DIR/vtp_shapes_judge/judge.npz`
+beside vtp_shapes in data.data_dir (or ~/.cache/vtp_jax when that is empty). DIR may be local or
+in a bucket (`gs://BUCKET/...`); judge.json is written first and judge.npz, whose presence means
+a prepared judge, last, each whole.
 """
 
 import functools
+import io
 import json
 import os
-import pathlib
 import time
 
 from absl import app
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vtp_jax import paths
 from vtp_jax.data import shapes
 
 IMAGE_SIZE = 64
@@ -129,28 +132,28 @@ def train(steps: int = 1200, train_examples: int = 20000, val_examples: int = 20
   return params, accuracy(params, *val)
 
 
-def default_dir(config=None) -> pathlib.Path:
+def default_dir(config=None) -> paths.Path:
   data_dir = (config.data.get('data_dir', '') if config is not None else '') or os.path.expanduser(
       '~/.cache/vtp_jax')
-  return pathlib.Path(data_dir) / 'vtp_shapes_judge'
+  return paths.path(data_dir) / 'vtp_shapes_judge'
 
 
 def save(folder, params, val_accuracy: dict, recipe: dict) -> None:
-  folder = pathlib.Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
+  folder = paths.path(folder)
   flat = {'/'.join(k.key for k in path): np.asarray(v)
           for path, v in jax.tree_util.tree_leaves_with_path(params)}
-  tmp = folder / 'judge.tmp.npz'
-  np.savez(tmp, **flat)
-  (folder / 'judge.json').write_text(json.dumps({'val_accuracy': val_accuracy, **recipe}, indent=2))
-  os.replace(tmp, folder / 'judge.npz')
+  paths.write_whole(folder / 'judge.json',
+                    json.dumps({'val_accuracy': val_accuracy, **recipe}, indent=2))
+  buf = io.BytesIO()
+  np.savez(buf, **flat)
+  paths.write_whole(folder / 'judge.npz', buf.getvalue())  # last: it marks a prepared judge
 
 
 def load(folder) -> tuple[dict, dict]:
   """(params, judge.json) of a prepared judge."""
-  folder = pathlib.Path(folder)
+  folder = paths.path(folder)
   params: dict = {}
-  with np.load(folder / 'judge.npz') as f:
+  with np.load(io.BytesIO((folder / 'judge.npz').read_bytes()), allow_pickle=False) as f:
     for key in f.files:
       node = params
       *parents, leaf = key.split('/')
@@ -163,7 +166,7 @@ def load(folder) -> tuple[dict, dict]:
 @functools.lru_cache(maxsize=2)
 def load_or_train(folder: str, steps: int = 1200) -> tuple[dict, dict]:
   """The judge in `folder`, trained there first if absent; refuses one under 90% on a factor."""
-  folder = pathlib.Path(folder)
+  folder = paths.path(folder)
   if not (folder / 'judge.npz').exists():
     logging.info('judge: none in %s; training it on real vtp_shapes images (about 6 CPU minutes).',
                  folder)
@@ -181,7 +184,7 @@ def load_or_train(folder: str, steps: int = 1200) -> tuple[dict, dict]:
 def main(argv):
   del argv
   f = flags.FLAGS
-  folder = pathlib.Path(f.out) if f.out else default_dir()
+  folder = paths.path(f.out) if f.out else default_dir()
   params, val = train(steps=f.steps)
   save(folder, params, val, {'steps': f.steps, 'train_examples': 20000, 'val_examples': 2000})
   print(json.dumps({'judge': str(folder / 'judge.npz'), 'val_accuracy': val}))
@@ -189,5 +192,6 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.DEFINE_integer('steps', 1200, 'training steps (batch 128)')
-  flags.DEFINE_string('out', '', "folder for judge.npz; '' = ~/.cache/vtp_jax/vtp_shapes_judge")
+  flags.DEFINE_string('out', '', "folder for judge.npz (local or gs://...); '' = "
+                      '~/.cache/vtp_jax/vtp_shapes_judge')
   app.run(main)

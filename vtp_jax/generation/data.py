@@ -9,15 +9,19 @@ generation/batch.py, through Grain (shuffled, sliced by process, checkpointable)
 As LightningDiT's ImgLatentDataset, each example is the plain or the horizontally flipped latent
 with probability 1/2 (latents.flip), drawn from Generator(data.seed, global index), so restoring the
 iterator state replays the same batches.
+
+latents.source and latents.stats may be local or in a bucket (`gs://BUCKET/...`): ArrayRecord
+reads gs:// itself; a bucket glob takes `*` per folder, not `**` (data/sources.py, glob_files).
 """
 
-import glob
 import os
 
 import grain
 import jax
 import numpy as np
 
+from vtp_jax import paths
+from vtp_jax.data import sources
 from vtp_jax.generation import batch as gen_batch
 from vtp_jax.tools import export_latents
 
@@ -31,22 +35,22 @@ def latent_files(config) -> list:
     raise ValueError(f'latents.source={source!r}; set it to arrayrecord:GLOB of the files '
                      '`python -m vtp_jax.tools.export_latents --out=DIR` writes '
                      '(e.g. arrayrecord:DIR/latents-*.array_record).')
-  paths = sorted(glob.glob(pattern))
-  if not paths:
+  files = sources.glob_files(pattern)
+  if not files:
     raise ValueError(f'latents.source={source!r}: no file matches {pattern!r}; check the glob.')
-  return paths
+  return files
 
 
 def load_stats(config) -> tuple[np.ndarray, np.ndarray]:
   """(mean, std), float32 (C,), from latents.stats or latents_stats.npz beside the first file."""
-  path = config.latents.get('stats', '') or os.path.join(
-      os.path.dirname(latent_files(config)[0]), export_latents.STATS_FILE)
-  if not os.path.exists(path):
+  path = config.latents.get('stats', '') or os.fspath(
+      paths.path(latent_files(config)[0]).parent / export_latents.STATS_FILE)
+  if not paths.path(path).exists():
     raise ValueError(f'latent statistics {path} not found; set latents.stats to the '
                      f'{export_latents.STATS_FILE} export_latents wrote (or run it with '
                      '--merge_stats_only).')
-  with np.load(path) as f:
-    mean, std = (np.asarray(f[k], np.float32).reshape(-1) for k in STATS_KEYS)
+  f = export_latents.read_npz(path)
+  mean, std = (np.asarray(f[k], np.float32).reshape(-1) for k in STATS_KEYS)
   channels = int(config.dit.in_channels)
   if mean.shape != (channels,) or std.shape != (channels,):
     raise ValueError(f'{path}: statistics of {mean.shape[0]} channels, but dit.in_channels='

@@ -48,8 +48,9 @@ class Generator:
 
   @classmethod
   def load(cls, path, weights: str = 'ema', latent_stats: str = ''):
-    """Restores `weights` ('ema' or 'params') of a training workdir or step folder; the latent
-    statistics come from `latent_stats`, else from the config's latents.stats / latents.source."""
+    """Restores `weights` ('ema' or 'params') of a training workdir or step folder (local or in a
+    bucket, `gs://BUCKET/...`); the latent statistics come from `latent_stats`, else from the
+    config's latents.stats / latents.source (either may be in a bucket too)."""
     if weights not in ('ema', 'params'):
       raise ValueError(f"weights={weights!r}; use 'ema' (the sampling weights) or 'params'.")
     step_dir = checkpoints.resolve(path)

@@ -3,19 +3,24 @@
     python -m vtp_jax.generation.sample --checkpoint=runs/dit_tiny --tokenizer=runs/vtp_tiny \\
         --num_images=48 [--labels=0,5,7] [--cfg_scale=4] [--steps=30] [--solver=heun] --out=samples/
 
-Writes OUT/samples.npz ('images': uint8 (N, H, W, 3), 'labels': int32 (N,)) and OUT/grid.png.
+Writes OUT/samples.npz ('images': uint8 (N, H, W, 3), 'labels': int32 (N,)) and OUT/grid.png,
+each written whole. --checkpoint, --tokenizer, --latent_stats and --out may be local or in a
+bucket (`gs://BUCKET/...`).
 Labels: --labels (comma-separated class ids, repeated to N), else 0, 1, ..., num_classes - 1 in
 turn. Sampling settings default to the checkpoint's config.sample; the flags override them. The
 latents are sampled sharded over all devices (data parallel) and decoded by Tokenizer.decode.
 """
 
+import io
 import json
 import math
-import pathlib
+import os
 
 from absl import app
 from absl import flags
 import numpy as np
+
+from vtp_jax import paths
 
 
 def parse_labels(text: str, n: int, num_classes: int) -> np.ndarray:
@@ -47,12 +52,15 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
 
 
 def write(out_dir, images: np.ndarray, labels: np.ndarray) -> None:
+  """OUT/samples.npz and OUT/grid.png, each written whole (a folder or a bucket)."""
   from PIL import Image
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  np.savez(out_dir / 'samples.npz', images=images.astype(np.uint8),
-           labels=labels.astype(np.int32))
-  Image.fromarray(image_grid(images)).save(out_dir / 'grid.png')
+  out_dir = paths.path(out_dir)
+  buf = io.BytesIO()
+  np.savez(buf, images=images.astype(np.uint8), labels=labels.astype(np.int32))
+  paths.write_whole(out_dir / 'samples.npz', buf.getvalue())
+  buf = io.BytesIO()
+  Image.fromarray(image_grid(images)).save(buf, format='PNG')
+  paths.write_whole(out_dir / 'grid.png', buf.getvalue())
 
 
 def run(checkpoint: str, tokenizer: str, num_images: int, out: str, labels: str = '', *,
@@ -69,8 +77,8 @@ def run(checkpoint: str, tokenizer: str, num_images: int, out: str, labels: str 
   images, chosen = gen.generate(tok, chosen, seed=seed, **overrides)
   write(out, images, chosen)
   return {'images': int(images.shape[0]), 'shape': list(images.shape[1:]),
-          'out': str(pathlib.Path(out) / 'samples.npz'),
-          'grid': str(pathlib.Path(out) / 'grid.png')}
+          'out': os.fspath(paths.path(out) / 'samples.npz'),
+          'grid': os.fspath(paths.path(out) / 'grid.png')}
 
 
 def main(argv):

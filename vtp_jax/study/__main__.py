@@ -21,7 +21,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'study config, e.g. configs/study/shapes_cpu.py',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'study folder: cells/, judge/, results, figures')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'study folder: cells/, judge/, results, figures '
+                                '(local or gs://BUCKET/...)')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'cells run at once, each as its own processes')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'print every cell\'s commands and exit')
 _REDO_CHANGED = flags.DEFINE_bool(

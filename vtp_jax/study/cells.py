@@ -18,7 +18,7 @@ import dataclasses
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[2]  # the commands' working folder: local
 STAGES = ('tokenizer', 'export', 'generator', 'generation_eval')
 # The folder each stage writes inside its cell (the evaluation only prints its JSON).
 STAGE_OUTPUTS = {'tokenizer': 'tokenizer', 'export': 'latents', 'generator': 'generator',
@@ -63,8 +63,9 @@ def _config_flags(overrides) -> list:
   return [f'--config.{o}' for o in overrides]
 
 
-def commands(cell: Cell, study, cell_dir: pathlib.Path, judge_dir: pathlib.Path) -> dict:
-  """{stage: argv} for `cell`, run from the repository root."""
+def commands(cell: Cell, study, cell_dir, judge_dir) -> dict:
+  """{stage: argv} for `cell`, run from the repository root; the folders may be local or in a
+  bucket (every command takes gs:// paths)."""
   py = sys.executable
   tok, lat, gen = (cell_dir / STAGE_OUTPUTS[s] for s in ('tokenizer', 'export', 'generator'))
   fid = str(study.fid_weights or '')
@@ -97,7 +98,7 @@ def commands(cell: Cell, study, cell_dir: pathlib.Path, judge_dir: pathlib.Path)
           'generation_eval': generation_eval}
 
 
-def judge_command(study, judge_dir: pathlib.Path) -> list:
+def judge_command(study, judge_dir) -> list:
   """Trains the vtp_shapes judge once for the whole study (eval/judge.py)."""
   return [sys.executable, '-m', 'vtp_jax.eval.judge', f'--steps={int(study.judge_steps)}',
           f'--out={judge_dir}']

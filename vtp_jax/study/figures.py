@@ -6,11 +6,14 @@
   generation_vs_probe.png      each generation metric against the linear probe on the tokenizer's
                                features, every finished cell, with Pearson's r (the paper's
                                understanding-generation correlation)
+
+Each PNG is written whole, in a folder or a bucket.
 """
 
+import io
 import math
-import pathlib
 
+from vtp_jax import paths
 from vtp_jax.study import results
 
 GENERATION = (('generation/judge_accuracy', 'judge accuracy (higher is better)'),
@@ -42,14 +45,20 @@ def _by_flops(ax, table, key, label):
   ax.legend(fontsize=8)
 
 
-def _grid_figure(plt, table, metrics, out: pathlib.Path, title: str):
+def _save(plt, fig, out) -> None:
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=120, format='png')
+  plt.close(fig)
+  paths.write_whole(out, buf.getvalue())
+
+
+def _grid_figure(plt, table, metrics, out, title: str):
   fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
   for ax, (key, label) in zip(axes[0], metrics):
     _by_flops(ax, table, key, label)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
+  _save(plt, fig, out)
 
 
 def write(table, out_dir) -> list:
@@ -57,7 +66,7 @@ def write(table, out_dir) -> list:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  out_dir = pathlib.Path(out_dir)
+  out_dir = paths.path(out_dir)
   done = [r for r in table if r.get('state') == 'done']
   written = []
   gen = _present(done, GENERATION)
@@ -87,7 +96,6 @@ def write(table, out_dir) -> list:
     fig.suptitle('Generation against understanding, every cell')
     fig.tight_layout()
     path = out_dir / 'generation_vs_probe.png'
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
     written.append(path)
   return written

@@ -4,21 +4,24 @@ Columns: the cell (name, objective, budget, state), the tokenizer's analytic tra
 size, wall time per stage and in all, the tokenizer's end-of-run evaluations under their own names
 (zero_shot/top1, linear_probe/n1/top1, linear_probe/latent_mean/top1, reconstruction/psnr, ...)
 and the generator's under `generation/` (generation/judge_accuracy, generation/judge_fd,
-generation/gfid). Written as DIR/results.json and DIR/results.csv.
+generation/gfid). Written as DIR/results.json and DIR/results.csv, each whole (DIR local or in a
+bucket).
 """
 
 import csv
+import io
 import json
 import math
-import pathlib
 
+from vtp_jax import paths
 from vtp_jax.study import cells as cells_lib
 
 LEAD = ('cell', 'objective', 'budget', 'state', 'tokenizer_flops', 'tokenizer_steps',
         'encoder_width', 'encoder_depth', 'wall_s')
 
 
-def cell_row(cell, cell_dir: pathlib.Path) -> dict:
+def cell_row(cell, cell_dir) -> dict:
+  cell_dir = paths.path(cell_dir)
   row = {'cell': cell.name, 'objective': cell.objective, 'budget': cell.budget}
   done = cell_dir / 'done'
   wall = 0.0
@@ -57,15 +60,16 @@ def columns(table) -> list:
   return [k for k in LEAD if k in keys] + sorted(keys - set(LEAD))
 
 
-def write(table, out_dir: pathlib.Path) -> None:
-  out_dir = pathlib.Path(out_dir)
-  (out_dir / 'results.json').write_text(json.dumps(table, indent=1, sort_keys=True))
+def write(table, out_dir) -> None:
+  out_dir = paths.path(out_dir)
+  paths.write_whole(out_dir / 'results.json', json.dumps(table, indent=1, sort_keys=True))
   cols = columns(table)
-  with open(out_dir / 'results.csv', 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=cols)
-    writer.writeheader()
-    for r in table:
-      writer.writerow({k: r.get(k, '') for k in cols})
+  buf = io.StringIO(newline='')
+  writer = csv.DictWriter(buf, fieldnames=cols)
+  writer.writeheader()
+  for r in table:
+    writer.writerow({k: r.get(k, '') for k in cols})
+  paths.write_whole(out_dir / 'results.csv', buf.getvalue())
 
 
 def pearson(xs, ys) -> float:

@@ -12,30 +12,38 @@ A cell records the commands it was made with (`cell.json`). When the study confi
 command, that cell is refused, finished or not, unless `redo_changed`: then the first changed stage
 and every stage after it are redone (their records and output folders removed) and the earlier
 stages are kept, so a new generator budget retrains only the generators.
+
+The study folder may be local or in a bucket (`gs://BUCKET/...`, vtp_jax/paths.py); its commands
+then write their own outputs there too. Records are written whole either way. A bucket has no
+append, so there a stage's log is written to a local temporary file while its command runs and
+uploaded (after the log's earlier runs) when it ends. A bucket has no lock either: the lock that
+keeps a second study out of the folder is then a local file, named after the folder, so it keeps
+out a second study on this machine only.
 """
 
 import concurrent.futures
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
 import shlex
-import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
+from vtp_jax import paths
 from vtp_jax.study import cells as cells_lib
 
-_GUARD = pathlib.Path(__file__).with_name('guard.py')
+_GUARD = pathlib.Path(__file__).with_name('guard.py')  # part of the package: local by nature
 
 
-def write_json(path: pathlib.Path, value) -> None:
-  """Atomically: a reader (or a re-run after a kill) sees the old file or the new, never half."""
-  tmp = path.with_suffix(path.suffix + '.tmp')
-  tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-  os.replace(tmp, path)
+def write_json(path, value) -> None:
+  """Whole (paths.write_whole): a reader (or a re-run after a kill) sees the old file or the new,
+  never half."""
+  paths.write_whole(path, json.dumps(value, indent=1, sort_keys=True))
 
 
 def last_json_line(text: str):
@@ -49,7 +57,7 @@ def last_json_line(text: str):
   return None
 
 
-def tokenizer_metrics(workdir: pathlib.Path) -> dict:
+def tokenizer_metrics(workdir) -> dict:
   """The end-of-run evaluations the training loop appended to metrics.jsonl (last eval row)."""
   from vtp_jax.train import metrics as metrics_lib
   evals = metrics_lib.evaluations(workdir)
@@ -75,7 +83,7 @@ class Study:
       raise ValueError('this study config needs ' + ', '.join(f'--config.{k}=...' for k in missing)
                        + ' (see the config file\'s docstring).')
     self.study = study
-    self.dir = pathlib.Path(workdir).absolute()
+    self.dir = paths.path(workdir)
     self.parallel = max(1, int(parallel))
     self.redo_changed = redo_changed
     self.log = log
@@ -85,7 +93,7 @@ class Study:
     self._judge_ok = False
     self._lock_file = None
 
-  def cell_dir(self, cell) -> pathlib.Path:
+  def cell_dir(self, cell) -> paths.Path:
     return self.dir / 'cells' / cell.name
 
   def plan(self) -> dict:
@@ -94,15 +102,31 @@ class Study:
 
   # -- one command ---------------------------------------------------------------------------
 
-  def _run(self, argv, log_path: pathlib.Path) -> tuple:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+  def _run(self, argv, log_path) -> tuple:
+    log_path = paths.path(log_path)
+    in_bucket = paths.is_bucket(log_path)
+    if in_bucket:  # no append in a bucket: a local file while the command runs, uploaded after
+      fd, local = tempfile.mkstemp(prefix='vtp_study_', suffix='.log')
+      os.close(fd)
+    else:
+      log_path.parent.mkdir(parents=True, exist_ok=True)
+      local = log_path
     start = time.time()
-    with open(log_path, 'a') as log:
-      log.write(f'\n$ {shlex.join(argv)}\n')
-      log.flush()
-      proc = subprocess.run([sys.executable, str(_GUARD), str(os.getpid()), *argv],
-                            cwd=cells_lib.REPO, stdout=subprocess.PIPE, stderr=log, text=True)
-      log.write(proc.stdout)
+    try:
+      # Append mode: the command's stderr and this process write through one file, each at its
+      # end.
+      with paths.path(local).open('a') as log:
+        log.write(f'\n$ {shlex.join(argv)}\n')
+        log.flush()
+        proc = subprocess.run([sys.executable, str(_GUARD), str(os.getpid()), *argv],
+                              cwd=cells_lib.REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+        log.write(proc.stdout)
+      if in_bucket:
+        earlier = log_path.read_text() if log_path.exists() else ''
+        paths.write_whole(log_path, earlier + paths.path(local).read_text())
+    finally:
+      if in_bucket:
+        os.remove(local)
     return proc.returncode, proc.stdout, time.time() - start
 
   def _reconcile(self, cell) -> None:
@@ -129,9 +153,8 @@ class Study:
       for stage in redo:
         (cell_dir / 'done' / f'{stage}.json').unlink(missing_ok=True)
         if cells_lib.STAGE_OUTPUTS[stage]:
-          shutil.rmtree(cell_dir / cells_lib.STAGE_OUTPUTS[stage], ignore_errors=True)
+          paths.remove_tree(cell_dir / cells_lib.STAGE_OUTPUTS[stage])
       (cell_dir / 'failed.json').unlink(missing_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)
 
   # -- stages --------------------------------------------------------------------------------
@@ -182,7 +205,7 @@ class Study:
       if marker.exists():
         continue
       if stage == 'export':  # a half-written export is redone from scratch
-        shutil.rmtree(cell_dir / 'latents', ignore_errors=True)
+        paths.remove_tree(cell_dir / 'latents')
       if stage == 'generation_eval' and self.study.generation_eval.judge:
         self._judge_done.wait()
         if not self._judge_ok:
@@ -207,9 +230,19 @@ class Study:
 
   # -- the whole grid ------------------------------------------------------------------------
 
+  def lock_path(self) -> pathlib.Path:
+    """The file locked while a study runs: in the study folder, or for a bucket (which has no
+    locks) a local file named after the folder's address."""
+    if not paths.is_bucket(self.dir):
+      return pathlib.Path(self.dir) / '.lock'
+    digest = hashlib.sha1(os.fspath(self.dir).encode()).hexdigest()[:16]
+    return pathlib.Path(tempfile.gettempdir()) / 'vtp_jax_study_locks' / f'{digest}.lock'
+
   def _acquire(self) -> None:
     self.dir.mkdir(parents=True, exist_ok=True)
-    self._lock_file = open(self.dir / '.lock', 'w')
+    lock = self.lock_path()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    self._lock_file = open(lock, 'w')  # pylint: disable=consider-using-with
     try:
       fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

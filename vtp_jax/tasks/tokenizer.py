@@ -5,10 +5,8 @@ The code is `train/state.py`, `train/step.py`, `train/flops.py` and the tokenize
 synthetic batches), `config.evals` on saved steps and the reconstruction grid.
 """
 
-import glob
-import pathlib
-
 from vtp_jax import batch as batch_lib
+from vtp_jax import paths
 from vtp_jax.tasks import base
 from vtp_jax.train import flops as flops_lib
 from vtp_jax.train import state as state_lib
@@ -16,8 +14,8 @@ from vtp_jax.train import step as step_lib
 
 
 def check_data_source(config) -> None:
-  """data.source names something that exists (local paths are checked; TFDS and remote sources
-  report what is missing themselves)."""
+  """data.source names something that exists, local or in a bucket (TFDS reports what is missing
+  itself)."""
   source = str(config.data.get('source', ''))
   if not source:
     raise ValueError('data.source is empty; set it (e.g. shapes, tfds:NAME, tar:GLOB, '
@@ -25,16 +23,25 @@ def check_data_source(config) -> None:
   kind, _, rest = source.partition(':')
   if kind in ('tar', 'arrayrecord', 'folder') and not rest:
     raise ValueError(f'data.source={source!r} names no path; write {kind}:PATH.')
-  if kind not in ('tar', 'arrayrecord', 'folder') or '://' in rest:
+  if kind not in ('tar', 'arrayrecord', 'folder'):
     return
+  if '://' in rest and not paths.is_bucket(rest):
+    return  # another store (http://...): its reader reports what is missing
   if kind == 'folder':
-    folder = pathlib.Path(rest)
+    folder = paths.path(rest)
     if not folder.is_dir():
       raise ValueError(f'data.source={source!r}: folder {rest} does not exist.')
-    if not any(p.is_file() for p in folder.rglob('*')):
+    if not any(files for _, _, files in folder.walk()):  # stops at the first file
       raise ValueError(f'data.source={source!r}: folder {rest} holds no files.')
-  elif not glob.glob(rest):
-    raise ValueError(f'data.source={source!r}: no file matches {rest!r}; check the path/glob.')
+    return
+  from vtp_jax.data import sources  # local: the data package is imported on use
+  try:
+    sources.expand_paths(rest, folder_ext='tar' if kind == 'tar' else 'array_record')
+  except FileNotFoundError:
+    raise ValueError(f'data.source={source!r}: no file matches {rest!r}; check the path/glob.'
+                     ) from None
+  except ValueError as e:  # a glob a bucket does not take (`**`)
+    raise ValueError(f'data.source={source!r}: {e}') from None
 
 
 class TokenizerTask(base.Task):

@@ -4,6 +4,8 @@ without torch. The mapping and its checks are eval/fid_weights.py's; this is its
 
     python -m vtp_jax.tools.convert_fid_inception --input=pt_inception.safetensors \\
         --output=fid_inception.npz
+
+--input and --output may be local or in a bucket (`gs://BUCKET/...`).
 """
 
 from absl import app

@@ -27,12 +27,21 @@ Multi-process: each process (jax.process_index()/process_count(), or --process_i
 --process_count for independent jobs) encodes and writes only its own slice. The statistics are
 merged by process 0 after a barrier under jax.distributed, otherwise by whichever process finds
 every part present; `--merge_stats_only` merges later.
+
+--checkpoint and --out may be local or in a bucket (`gs://BUCKET/...`). Every file appears whole
+under its final name: a shard is written under a temporary name and renamed (a disk) or written
+to a local temporary file and uploaded as one object (a bucket: ArrayRecord cannot write there);
+the other files are written whole (vtp_jax/paths.py). The order is the same on both: a process
+first removes latents_stats.npz and its own stats part if an earlier export left them, then
+writes its shard, then its stats part; latents_stats.npz, which readers need
+(generation/data.py), is written last, once every part is there, so a reader never sees half a
+set.
 """
 
-import glob
+import io
 import json
 import os
-import pathlib
+import tempfile
 
 from absl import app
 from absl import flags
@@ -40,6 +49,8 @@ from absl import logging
 import ml_dtypes
 import msgpack
 import numpy as np
+
+from vtp_jax import paths
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 STATS_FILE = 'latents_stats.npz'
@@ -73,11 +84,17 @@ def read_record(data: bytes) -> dict:
   return rec
 
 
+def shard_files(out_dir) -> list[str]:
+  """The latent shards in out_dir (local or in a bucket), sorted."""
+  from vtp_jax.data import sources
+  return sources.glob_files(os.fspath(paths.path(out_dir) / 'latents-*-of-*.array_record'))
+
+
 def read_latents(out_dir):
-  """Every record of every shard in out_dir, shard by shard, in order."""
+  """Every record of every shard in out_dir (local or in a bucket), shard by shard, in order."""
   from array_record.python.array_record_module import ArrayRecordReader
-  for path in sorted(glob.glob(os.path.join(out_dir, 'latents-*-of-*.array_record'))):
-    reader = ArrayRecordReader(path)
+  for path in shard_files(out_dir):
+    reader = ArrayRecordReader(path)  # ArrayRecord reads gs:// itself
     try:
       for data in reader.read_all():
         yield read_record(data)
@@ -104,13 +121,23 @@ def export_shard(tokenizer, batches, out_dir, *, process_index: int = 0, process
   from array_record.python.array_record_module import ArrayRecordWriter
   from vtp_jax import pixels
   from vtp_jax.eval import common
+  from vtp_jax.tools.tar_to_arrayrecord import publish
   if dtype not in DTYPES:
     raise ValueError(f'dtype={dtype!r} is not one of {tuple(DTYPES)}.')
-  out_dir = pathlib.Path(out_dir)
+  out_dir = paths.path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
+  # An earlier export's mark and this process's part go first: until this export writes them
+  # again, no reader takes the folder for a finished set and no merge counts a stale part.
+  (out_dir / STATS_FILE).unlink(missing_ok=True)
+  (out_dir / shard_name(process_index, process_count, 'stats', 'npz')).unlink(missing_ok=True)
   final = out_dir / shard_name(process_index, process_count)
-  tmp = final.with_name(final.name + '.tmp')
-  writer = ArrayRecordWriter(str(tmp), 'group_size:1')
+  if paths.is_bucket(out_dir):  # ArrayRecord cannot write to a bucket: a local file, uploaded
+    fd, tmp = tempfile.mkstemp(prefix=f'.{final.name}.', suffix='.tmp')
+    os.close(fd)
+    tmp = paths.path(tmp)
+  else:
+    tmp = final.with_name(final.name + '.tmp')
+  writer = ArrayRecordWriter(os.fspath(tmp), 'group_size:1')
   count, total, total_sq, written = 0, None, None, 0
   try:
     for images, labels, positions, indices in batches:
@@ -128,37 +155,52 @@ def export_shard(tokenizer, batches, out_dir, *, process_index: int = 0, process
             sq = (flat ** 2).sum(0)
             total_sq = sq if total_sq is None else total_sq + sq
             count += flat.shape[0]
-  finally:
+  except BaseException:
     writer.close()
-  os.replace(tmp, final)
+    if paths.is_bucket(out_dir):
+      tmp.unlink(missing_ok=True)
+    raise
+  writer.close()
+  publish(tmp, final)  # a rename, or an upload and the local file removed
   if total is None:
     total = total_sq = np.zeros((0,), np.float64)
-  np.savez(out_dir / shard_name(process_index, process_count, 'stats', 'npz'),
-           count=np.int64(count), sum=total, sum_sq=total_sq)
+  write_npz(out_dir / shard_name(process_index, process_count, 'stats', 'npz'),
+            count=np.int64(count), sum=total, sum_sq=total_sq)
   return written
+
+
+def write_npz(path, **arrays) -> None:
+  """np.savez written whole (paths.write_whole), local or in a bucket."""
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  paths.write_whole(path, buf.getvalue())
+
+
+def read_npz(path) -> dict:
+  """Every array of an .npz, local or in a bucket."""
+  with np.load(io.BytesIO(paths.path(path).read_bytes()), allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
 
 
 def merge_stats(out_dir, process_count: int) -> dict | None:
   """Combines every process's partial sums into latents_stats.npz; None if parts are missing."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = paths.path(out_dir)
   parts = [out_dir / shard_name(p, process_count, 'stats', 'npz') for p in range(process_count)]
   if not all(p.exists() for p in parts):
     return None
   count, total, total_sq = 0, 0.0, 0.0
   for part in parts:
-    with np.load(part) as f:
-      if int(f['count']):
-        count += int(f['count'])
-        total = total + f['sum']
-        total_sq = total_sq + f['sum_sq']
+    f = read_npz(part)
+    if int(f['count']):
+      count += int(f['count'])
+      total = total + f['sum']
+      total_sq = total_sq + f['sum_sq']
   if count < 2:
     raise ValueError(f'{out_dir}: only {count} latent values for the statistics; export more.')
   mean = total / count
   std = np.sqrt(np.maximum(total_sq - count * mean ** 2, 0.0) / (count - 1))
   stats = {'mean': mean.astype(np.float32), 'std': std.astype(np.float32), 'count': np.int64(count)}
-  tmp = out_dir / (STATS_FILE + '.tmp.npz')
-  np.savez(tmp, **stats)
-  os.replace(tmp, out_dir / STATS_FILE)
+  write_npz(out_dir / STATS_FILE, **stats)  # last: what readers wait for
   return stats
 
 
@@ -192,7 +234,7 @@ def export(tokenizer, config, dataset_spec: str, out_dir, *, split=None, max_exa
             'process_count': process_count, 'image_size': image_size, 'latent_shape': z_shape,
             'dtype': dtype, 'stats_examples': int(len(chosen)), 'seed': seed,
             'preprocess': 'center_crop_arr', 'flip': 'horizontal, of the preprocessed image'}
-    pathlib.Path(out_dir, 'metadata.json').write_text(json.dumps(meta, indent=2))
+    paths.write_whole(paths.path(out_dir) / 'metadata.json', json.dumps(meta, indent=2))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('export_latents')
@@ -233,10 +275,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('checkpoint', None, 'checkpoint folder or training workdir')
+  flags.DEFINE_string('checkpoint', None, 'checkpoint folder or training workdir (or gs://...)')
   flags.DEFINE_string('dataset', None, "dataset spec, e.g. 'tfds:imagenet2012' or 'shapes'")
   flags.DEFINE_string('split', None, "split for shapes/tfds specs, e.g. 'train'")
-  flags.DEFINE_string('out', None, 'output folder')
+  flags.DEFINE_string('out', None, 'output folder, local or gs://BUCKET/...')
   flags.DEFINE_integer('max_examples', 0, 'evenly spaced examples to export; 0 = all')
   flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'storage dtype of the latents')
   flags.DEFINE_integer('stats_examples', 10000, 'latents for mean/std (LightningDiT: 10k)')

@@ -5,18 +5,20 @@
 The output loads in the reference PyTorch `VTPModel`. `--legacy` writes the training-class names
 (`proj`, `transformer`) and adds the DINO head and the EMA teacher when the checkpoint holds them.
 Float32 tensors are written as float32 and the RoPE period buffers as bfloat16, as the reference.
+--src and --dst may be local or in a bucket (`gs://BUCKET/...`); each file is written whole,
+config.json first and model.safetensors last.
 """
 
 import json
-import pathlib
 import re
 
 import jax
 import ml_dtypes
 import numpy as np
 from absl import app, flags
-from safetensors.numpy import save_file
+from safetensors.numpy import save as save_safetensors
 
+from vtp_jax import paths
 from vtp_jax.models import layout
 from vtp_jax.models import rope as rope_lib
 from vtp_jax.tools import reference_format as fmt
@@ -71,10 +73,10 @@ def export_reference(src, dst, legacy: bool = False) -> dict:
   teacher = (checkpoints.load_item(src, 'teacher') if checkpoints.has_item(src, 'teacher')
              else None)
   tensors = to_reference(config, params, teacher, legacy)
-  dst = pathlib.Path(dst)
-  dst.mkdir(parents=True, exist_ok=True)
-  (dst / 'config.json').write_text(json.dumps(fmt.reference_from_config(config), indent=2))
-  save_file(tensors, str(dst / 'model.safetensors'), metadata={'format': 'pt'})
+  dst = paths.path(dst)
+  paths.write_whole(dst / 'config.json', json.dumps(fmt.reference_from_config(config), indent=2))
+  paths.write_whole(dst / 'model.safetensors',
+                    save_safetensors(tensors, metadata={'format': 'pt'}))
   return tensors
 
 
@@ -86,8 +88,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('src', None, 'vtp-jax checkpoint folder (config.json + params)')
-  flags.DEFINE_string('dst', None, 'output folder for config.json + model.safetensors')
+  flags.DEFINE_string('src', None, 'vtp-jax checkpoint folder (config.json + params; local or '
+                      'gs://...)')
+  flags.DEFINE_string('dst', None, 'output folder for config.json + model.safetensors (local or '
+                      'gs://...)')
   flags.DEFINE_bool('legacy', False, 'write legacy training-class names, DINO head and teacher')
   flags.mark_flags_as_required(['src', 'dst'])
   app.run(main)

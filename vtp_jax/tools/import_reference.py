@@ -6,10 +6,11 @@ DIR (src) holds `config.json` and `model.safetensors` with the key names of spec
 training names (`proj`, `transformer`, `dino_head`, `teacher_*`). Every key must map to a parameter
 of the model that config.json describes, with the right shape; unknown, missing and mis-shaped keys
 are all listed in one error. The RoPE period buffers are recomputed and checked, not stored.
+--src and --dst may be local or in a bucket (`gs://BUCKET/...`).
 """
 
 import json
-import pathlib
+import os
 import re
 
 import flax.linen as nn
@@ -17,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from safetensors.numpy import load_file
 
+from vtp_jax import paths
 from vtp_jax.models import layout
 from vtp_jax.models import rope as rope_lib
 from vtp_jax.models import vtp
@@ -70,13 +71,13 @@ def _check_periods(config, tensors, errors):
 
 def read_reference(src):
   """(config, {'params': ..., ['teacher': ...]}) in our unrolled layout, numpy leaves."""
-  src = pathlib.Path(src)
+  src = paths.path(src)
   for name in ('config.json', 'model.safetensors'):
     if not (src / name).exists():
-      raise FileNotFoundError(f'{src / name} not found; --src must hold config.json and '
-                              'model.safetensors of a released VTP checkpoint.')
+      raise FileNotFoundError(f'{os.fspath(src / name)} not found; --src must hold config.json '
+                              'and model.safetensors of a released VTP checkpoint.')
   ref_config = json.loads((src / 'config.json').read_text())
-  tensors = load_file(str(src / 'model.safetensors'))
+  tensors = fmt.read_safetensors(src / 'model.safetensors')
   legacy = is_legacy(tensors)
   proj_key = 'proj.weight' if legacy else 'visual_proj.weight'
   if proj_key not in tensors:
@@ -137,8 +138,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('src', None, 'folder with config.json + model.safetensors (reference format)')
-  flags.DEFINE_string('dst', None, 'output folder for the vtp-jax checkpoint')
+  flags.DEFINE_string('src', None, 'folder with config.json + model.safetensors (reference format; '
+                      'local or gs://...)')
+  flags.DEFINE_string('dst', None, 'output folder for the vtp-jax checkpoint (local or gs://...)')
   flags.DEFINE_bool('unscanned', False, 'store blocks unrolled (blocks_i) instead of scanned')
   flags.mark_flags_as_required(['src', 'dst'])
   app.run(main)

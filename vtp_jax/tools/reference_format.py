@@ -5,6 +5,7 @@ One table of rules maps each PyTorch key pattern to our path and a layout transf
 head split, squeeze) whose inverse is used on export, so import and export cannot drift apart.
 Legacy training checkpoints use `proj.` and `transformer.` instead of `visual_proj.` and
 `text_transformer.`, and add the DINO head and the EMA teacher (`teacher_trunk`, `teacher_dino_head`).
+`read_safetensors` reads a .safetensors file, local or in a bucket.
 """
 
 import dataclasses
@@ -12,9 +13,33 @@ import math
 import re
 
 import ml_collections
+import ml_dtypes
 import numpy as np
 
 from configs import base as base_config
+from vtp_jax import paths
+
+# safetensors dtype names -> NumPy dtypes; bfloat16 and the float8s come from ml_dtypes (what
+# safetensors' own file reader returns; its bytes reader, safetensors.numpy.load, lacks them).
+_SAFETENSORS_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+    'F8_E4M3': ml_dtypes.float8_e4m3fn, 'F8_E5M2': ml_dtypes.float8_e5m2, 'I64': np.int64,
+    'U64': np.uint64, 'I32': np.int32, 'U32': np.uint32, 'I16': np.int16, 'U16': np.uint16,
+    'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+
+
+def read_safetensors(path) -> dict:
+  """{name: np.ndarray (read-only)} of a .safetensors file, local or in a bucket: its bytes are
+  read through vtp_jax.paths and parsed by safetensors."""
+  from safetensors import deserialize  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name, view in deserialize(paths.path(path).read_bytes()):
+    if view['dtype'] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f'{path}: tensor {name} has dtype {view["dtype"]}, which this reader does '
+                       f'not know ({sorted(_SAFETENSORS_DTYPES)}).')
+    dtype = _SAFETENSORS_DTYPES[view['dtype']]
+    out[name] = np.frombuffer(view['data'], dtype).reshape(view['shape'])
+  return out
 
 # Keys that exist in the reference but hold nothing we store: buffers we recompute (and verify), and
 # the EMA copy of the CLIP projection that no forward pass ever reads (spec 1.9).
