@@ -199,6 +199,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.distributed.num_processes = 0  # processes in the job; 0 = detect
   c.train.distributed.process_id = -1  # this process's index; -1 = detect
   c.train.distributed.initialization_timeout = 600  # seconds each process waits for the others
+  c.train.distributed.heartbeat_timeout = 100  # seconds unheard before a process counts as dead (train/peers.py)
   c.train.distributed.cpu_collectives = 'gloo'  # CPU cross-process collectives ('gloo' or 'mpi')
 
   c.gan = ml_collections.ConfigDict()  # stage 2: decoder vs PatchGAN, tokenizer frozen [P]; recipe [R LDM]

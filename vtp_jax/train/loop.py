@@ -31,6 +31,7 @@ from vtp_jax.checkpoints import workdir as workdir_lib
 from vtp_jax.data import device
 from vtp_jax.train import in_flight
 from vtp_jax.train import metrics as metrics_lib
+from vtp_jax.train import peers
 # Raised from the loop; callers (launch/main.py, tests) catch them as loop.NonFiniteLoss,
 # loop.CheckpointUnreadable (no checkpoint of the workdir reads) and loop.SaveFailed.
 from vtp_jax.checkpoints.errors import CheckpointUnreadable  # noqa: F401
@@ -77,7 +78,8 @@ def init_distributed(config) -> bool:
     kwargs['num_processes'] = int(d.num_processes)
   if int(d.process_id) >= 0:
     kwargs['process_id'] = int(d.process_id)
-  jax.distributed.initialize(initialization_timeout=int(d.initialization_timeout), **kwargs)
+  jax.distributed.initialize(initialization_timeout=int(d.initialization_timeout),
+                             heartbeat_timeout_seconds=int(d.heartbeat_timeout), **kwargs)
   return True
 
 
@@ -92,6 +94,10 @@ def validate(config, n_devices: int, process_count: int) -> tuple:
     raise ConfigError(f'train.max_steps_ahead={t.max_steps_ahead} must be 0 (unbounded) or more.')
   if t.nan_policy not in ('stop', 'skip'):
     raise ConfigError(f"train.nan_policy={t.nan_policy!r}; use 'stop' or 'skip'.")
+  warmup = int(config.optim.warmup_steps) if 'warmup_steps' in config.get('optim', {}) else 0
+  if not 0 <= warmup <= int(t.steps):
+    raise ConfigError(f'optim.warmup_steps={warmup} must lie in [0, train.steps={t.steps}]; '
+                      'lower it (or raise train.steps).')
   try:
     shape = sharding.mesh_shape(config.mesh, n_devices)
   except ValueError as e:
@@ -129,16 +135,13 @@ def compile_step(step_fn, state, batch, mesh, frozen):
 # -- the loop --------------------------------------------------------------------------------------
 
 def _default_evaluate(task):
-  """The evals hook: the task's evaluations of the checkpoint just saved, results printed; None
-  where the task has none."""
+  """The evals hook: the task's evaluations of the checkpoint just saved; None where the task has
+  none."""
   if not task.supports_evaluations():
     return None
 
   def evaluate(config, step_dir, step):
-    results = task.evaluate(config, step_dir, step)
-    if jax.process_index() == 0:
-      print(json.dumps({'eval_step': step, **results}, sort_keys=True), flush=True)
-    return results
+    return task.evaluate(config, step_dir, step)
 
   return evaluate
 
@@ -154,10 +157,19 @@ def _eval_recorded(workdir, step: int, process_index: int, process_count: int) -
   return recorded
 
 
-def _evaluate_and_record(evaluate, config, writer, step_dir, step: int) -> None:
-  """Runs the evals hook on a saved step and appends its numeric results to the metrics files."""
+EVALUATION_FILE = 'evaluation.json'
+
+
+def _evaluate_and_record(evaluate, config, writer, workdir, step_dir, step: int) -> None:
+  """Runs the evals hook on a saved step, appends its numeric results to the metrics files, writes
+  them to workdir/evaluation.json and prints them as a marked block (process 0)."""
   results = evaluate(config, step_dir, step) or {}
   writer.scalars(step, {f'eval/{k}': v for k, v in results.items() if isinstance(v, (int, float))})
+  if jax.process_index() == 0:
+    text = json.dumps({'step': step, **results}, indent=2, sort_keys=True)
+    paths.write_whole(workdir / EVALUATION_FILE, text + '\n')
+    title = f' evaluation of step {step} ({workdir / EVALUATION_FILE}) '
+    print(f'\n{title:=^100}\n{text}\n{"":=^100}', flush=True)
 
 
 def train_and_evaluate(config, workdir, evaluate=None) -> dict:
@@ -219,7 +231,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
       logging.info('Step %d reached train.steps=%d; its end-of-run evaluation is not in '
                    'metrics.jsonl: evaluating it.', start, int(t.steps))
       writer = metrics_lib.Writer(workdir, enabled=pi == 0, start_step=start)
-      _evaluate_and_record(evaluate, config, writer, ckpts.root / str(start), start)
+      _evaluate_and_record(evaluate, config, writer, workdir, ckpts.root / str(start), start)
       writer.close()
     else:
       logging.info('Step %d already reached train.steps=%d: nothing to do.', start, int(t.steps))
@@ -263,9 +275,11 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
     ckpts.save(at, state, data_iter, config)
     logging.info('Checkpoint %d started (%.2f s blocking).', at, time.perf_counter() - t0)
     last_saved = at
+    watchdog.saved(at)
     if kill_after == at:
       os.kill(os.getpid(), signal.SIGKILL)
 
+  watchdog = peers.Watchdog(config, workdir, latest)  # a dead peer process: one line, exit 3
   try:
     while step < end:
       ckpts.check_save()  # a failed async save stops the run here, at the next step
@@ -310,12 +324,16 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
         save(step)
       if evals_due:
         ckpts.wait()
-        _evaluate_and_record(evaluate, config, writer, ckpts.root / str(step), step)
+        _evaluate_and_record(evaluate, config, writer, workdir, ckpts.root / str(step), step)
     summary['step'] = step
     summary['last_checkpoint'] = last_saved
     return summary
+  except Exception as e:
+    watchdog.failed(e)  # exits (status 3) when a peer process is gone; else re-raise
+    raise
   finally:
     preemption.restore_handler()
     ckpts.close()
     writer.close()
+    watchdog.close()
 
