@@ -180,7 +180,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 125000  # total optimizer steps (VTP's are unknown [?]); schedules end here
-  # The driver (vtp_jax/train/loop.py, launch/main.py); seeds are c.seed (model) and c.data.seed.
+  # The driver (vtp_jax/driver/loop.py, launch/main.py); seeds are c.seed (model) and c.data.seed.
   c.train.checkpoint_every = 1000  # async Orbax save every N steps (and at the end and on SIGTERM)
   c.train.keep_checkpoints = 3  # newest K checkpoints kept in WORKDIR/checkpoints
   c.train.stop_after_steps = 0  # end this invocation (saving) after N steps (job time limits); 0 = off
@@ -199,7 +199,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.distributed.num_processes = 0  # processes in the job; 0 = detect
   c.train.distributed.process_id = -1  # this process's index; -1 = detect
   c.train.distributed.initialization_timeout = 600  # seconds each process waits for the others
-  c.train.distributed.heartbeat_timeout = 100  # seconds unheard before a process counts as dead (train/peers.py)
+  c.train.distributed.heartbeat_timeout = 100  # seconds unheard before a process counts as dead (driver/peers.py)
   c.train.distributed.cpu_collectives = 'gloo'  # CPU cross-process collectives ('gloo' or 'mpi')
 
   c.gan = ml_collections.ConfigDict()  # stage 2: decoder vs PatchGAN, tokenizer frozen [P]; recipe [R LDM]

@@ -1,4 +1,4 @@
-"""Trains VTP: a thin absl shell over `vtp_jax.train.loop.train_and_evaluate`.
+"""Trains VTP: a thin absl shell over `vtp_jax.driver.loop.train_and_evaluate`.
 
   python launch/main.py --config=configs/vtp_tiny.py --workdir=runs/tiny [--config.KEY=VALUE ...]
 
@@ -8,7 +8,7 @@ preempted after saving, 2 for a config that cannot run or a workdir whose checkp
 (docs/checkpoints.md), 1 when the loss diverged (train.nan_policy=stop) or a checkpoint save failed,
 3 when another process of a multi-process run died or stopped answering (the last stderr line
 names it and the step that re-running the same command on every host resumes from;
-vtp_jax/train/peers.py).
+vtp_jax/driver/peers.py).
 """
 
 import logging as std_logging
@@ -43,7 +43,7 @@ def main(argv):
   logging.get_absl_logger().addFilter(_QuietOrbax())
   std_logging.getLogger('gcsfs').setLevel(std_logging.WARNING)  # a line per file read in a bucket
   logging.info('%s', malloc_line)
-  from vtp_jax.train import loop  # local: flags parse (and --help) before jax starts
+  from vtp_jax.driver import loop  # local: flags parse (and --help) before jax starts
   try:
     summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except loop.ConfigError as e:

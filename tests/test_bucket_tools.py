@@ -286,7 +286,7 @@ def test_tokenizer_latents_generator_samples_and_eval_with_every_path_in_a_bucke
   from vtp_jax.generation import sample
   from vtp_jax.inference import Tokenizer
   from vtp_jax.tools import export_latents
-  from vtp_jax.train import loop
+  from vtp_jax.driver import loop
   bucket = gcs.bucket('bucket-tools-pipeline')
   local = tmp_path
   shards = {'s0': _members('s0', 8, 2, broken=False), 's1': _members('s1', 8, 3, broken=False)}

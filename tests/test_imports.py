@@ -13,7 +13,7 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'vtp_jax'
 
 # The package's layers, lowest first: a module imports from its own layer or below. A module
-# belongs to the longest prefix listed (so `vtp_jax.train.loop`, the driver, sits above the
+# belongs to the longest prefix listed (so `vtp_jax.driver`, the driver, sits above the
 # trainings it runs, and `vtp_jax.eval.__main__`, a command line, above the generator it loads).
 # This table is the one statement of the order; the README's map describes it.
 LAYERS = (
@@ -27,7 +27,7 @@ LAYERS = (
     ('evaluation and tools', ('vtp_jax.eval', 'vtp_jax.tools')),
     ('generation', ('vtp_jax.generation',)),
     ('tasks', ('vtp_jax.tasks',)),
-    ('programs', ('vtp_jax.train.loop', 'vtp_jax.bench', 'vtp_jax.study', 'vtp_jax.eval.__main__')),
+    ('programs', ('vtp_jax.driver', 'vtp_jax.bench', 'vtp_jax.study', 'vtp_jax.eval.__main__')),
 )
 
 

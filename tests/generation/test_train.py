@@ -15,7 +15,7 @@ from vtp_jax import batch as batch_lib
 from vtp_jax import checkpoints
 from vtp_jax import sharding
 from vtp_jax.generation import data as gen_data
-from vtp_jax.train import loop
+from vtp_jax.driver import loop
 
 
 @pytest.fixture(scope='module')

@@ -41,7 +41,7 @@ import errno, json, os, re, shutil, sys
 sys.path[:0] = [{repo!r}, {config_dir!r}]
 import damage_micro
 from vtp_jax.checkpoints import digest as checkpoint_digest
-from vtp_jax.train import loop
+from vtp_jax.driver import loop
 
 write = checkpoint_digest._write_text
 out = {{}}

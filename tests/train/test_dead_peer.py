@@ -1,6 +1,6 @@
 """A process of a two-process run that dies (SIGKILL, right after a checkpoint save starts): the
 survivor exits with status 3 within seconds, its last stderr line naming the dead process and the
-step a re-run resumes from (vtp_jax/train/peers.py); re-running the same command resumes there and
+step a re-run resumes from (vtp_jax/driver/peers.py); re-running the same command resumes there and
 ends bit-identical to an uninterrupted run. Both deaths are covered: process 1, and process 0 (which
 hosts the coordination service, so the survivor's agent aborts within milliseconds).
 
@@ -146,7 +146,7 @@ def test_a_dead_peer_ends_the_run_with_one_line_and_the_rerun_resumes_bit_identi
 
 
 def test_the_line_names_the_dead_processes_and_where_a_rerun_starts():
-  from vtp_jax.train import peers
+  from vtp_jax.driver import peers
   assert LINE.fullmatch(peers.describe([1], 2, 'why', 20))
   assert peers.describe([0], 2, 'why', None) == (
       'error: process 0 of 2 stopped answering (why); re-run the same command on every host to '
@@ -177,7 +177,7 @@ class _Exited(Exception):
 def watchdog_of_two(monkeypatch, tmp_path):
   """A watchdog as process 0 of 2 (heartbeat period 0.5 s), its peer's heartbeat in `service`;
   exiting raises _Exited(status) instead."""
-  from vtp_jax.train import peers
+  from vtp_jax.driver import peers
   service = _Service()
   monkeypatch.setattr(peers, '_client', lambda: service)
   monkeypatch.setattr(peers.jax, 'process_count', lambda: 2)

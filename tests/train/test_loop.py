@@ -25,7 +25,7 @@ import pytest
 from conftest import FAST_COMPILE, MICRO_CONFIG, micro_config
 from vtp_jax import checkpoints
 from vtp_jax import tasks
-from vtp_jax.train import loop
+from vtp_jax.driver import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -138,7 +138,7 @@ sys.path[:0] = [{repo!r}, {config_dir!r}]
 import driver_micro
 from vtp_jax.data import synthetic
 from vtp_jax import tasks
-from vtp_jax.train import loop
+from vtp_jax.driver import loop
 
 clean = synthetic.global_batch
 

@@ -9,7 +9,7 @@
 - `generator.GeneratorTask`: the downstream LightningDiT on the tokenizer's latents
   (`vtp_jax/generation/`).
 
-The driver (`train/loop.py`), `bench.step`, `bench.profile`, `bench.aot` and the study ask the task
+The driver (`driver/loop.py`), `bench.step`, `bench.profile`, `bench.aot` and the study ask the task
 for everything that differs between trainings (`base.Task` lists it) and know no task by name.
 A fourth training is one more file here and one more line in `for_config`.
 """

@@ -31,7 +31,7 @@ from vtp_jax.checkpoints import workdir as workdir_lib
 from vtp_jax.data import device
 from vtp_jax.train import in_flight
 from vtp_jax.train import metrics as metrics_lib
-from vtp_jax.train import peers
+from vtp_jax.driver import peers
 # Raised from the loop; callers (launch/main.py, tests) catch them as loop.NonFiniteLoss,
 # loop.CheckpointUnreadable (no checkpoint of the workdir reads) and loop.SaveFailed.
 from vtp_jax.checkpoints.errors import CheckpointUnreadable  # noqa: F401
