@@ -45,10 +45,11 @@ def environment(port: int) -> dict:
 
 
 class Server:
-  """fake-gcs-server on 127.0.0.1:`port`, in memory; `bucket(name)` creates a bucket."""
+  """fake-gcs-server on 127.0.0.1:`port`, in memory or (`root`: a local folder) on disk, for
+  data larger than the tests' (a benchmark's checkpoints); `bucket(name)` creates a bucket."""
 
-  def __init__(self, port: int):
-    self.port = port
+  def __init__(self, port: int, root: str | None = None):
+    self.port, self.root = port, root
     self.url = f'http://127.0.0.1:{port}'
     self.process = None
 
@@ -57,7 +58,8 @@ class Server:
     address = f'127.0.0.1:{self.port}'
     self.process = subprocess.Popen(
         [str(_server._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port',
-         str(self.port), '-backend', 'memory', '-public-host', address, '-external-url',
+         str(self.port), *(['-backend', 'filesystem', '-filesystem-root', self.root] if self.root
+                           else ['-backend', 'memory']), '-public-host', address, '-external-url',
          self.url, '-log-level', 'error'],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30

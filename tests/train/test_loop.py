@@ -26,6 +26,7 @@ from conftest import FAST_COMPILE, MICRO_CONFIG, micro_config
 from vtp_jax import checkpoints
 from vtp_jax import tasks
 from vtp_jax.driver import loop
+from vtp_jax.train import wall_time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -139,6 +140,7 @@ import driver_micro
 from vtp_jax.data import synthetic
 from vtp_jax import tasks
 from vtp_jax.driver import loop
+from vtp_jax.train import wall_time
 
 clean = synthetic.global_batch
 
@@ -195,7 +197,9 @@ AHEAD_SCRIPT = '''
 import json, sys
 sys.path[:0] = [{repo!r}, {config_dir!r}]
 import driver_micro
-from vtp_jax.train import in_flight, loop
+from vtp_jax.train import in_flight
+from vtp_jax.driver import loop
+from vtp_jax.train import wall_time
 
 events = []
 real_add, real_wait = in_flight.InFlight.add, in_flight.wait_for_device
@@ -285,3 +289,63 @@ def test_empty_data_folder_is_a_config_error(tmp_path, monkeypatch):
   with pytest.raises(loop.ConfigError, match='holds no files'):
     loop.train_and_evaluate(_bad(**{'data.source': f'folder:{tmp_path / "images"}'}),
                             tmp_path / 'work')
+
+
+WALL_SCRIPT = '''
+import json, sys, time
+sys.path[:0] = [{repo!r}, {config_dir!r}]
+import driver_micro
+from absl import logging
+from vtp_jax.data import synthetic
+from vtp_jax.driver import loop
+
+logging.set_verbosity('info')  # as launch/main.py runs: the summary line is an INFO line
+out = {{}}
+c = driver_micro.get_config()
+c.train.update(steps=12, log_every=4, checkpoint_every=6, image_log_every=0)
+for name in ('normal', 'slowed'):
+  if name == 'slowed':  # every batch of the source takes 0.3 s to read, far longer than a step
+    fast = synthetic.global_batch
+    synthetic.global_batch = lambda *a: (time.sleep(0.3), fast(*a))[1]
+  print('JOB ' + name, file=sys.stderr, flush=True)
+  t0 = time.perf_counter()
+  summary = loop.train_and_evaluate(c, {work!r} + name)
+  out[name] = {{'measured_s': time.perf_counter() - t0, 'wall_time': summary['wall_time']}}
+print('RESULT ' + json.dumps(out))
+'''
+
+
+@pytest.mark.heavy
+def test_the_wall_time_breakdown_sums_to_the_run_and_names_an_input_bound_one(driver_env,
+                                                                            tmp_path):
+  config_file, env = driver_env
+  script = WALL_SCRIPT.format(repo=str(REPO), config_dir=str(config_file.parent),
+                              work=str(tmp_path / 'work_'))
+  run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                       cwd=REPO)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = json.loads(run.stdout.split('RESULT ', 1)[1])
+  logs = dict(re.findall(r'^JOB (\S+)\n(.*?)(?=^JOB |\Z)', run.stderr, re.S | re.M))
+  for name in ('normal', 'slowed'):
+    totals = out[name]['wall_time']
+    # The parts cover the run as a clock outside it measured it.
+    assert abs(sum(totals['seconds'].values()) - out[name]['measured_s']) <= (
+        0.05 * out[name]['measured_s']), (name, totals, out[name]['measured_s'])
+    rows = [json.loads(r) for r in (tmp_path / f'work_{name}' / 'metrics.jsonl').read_text()
+            .splitlines()]
+    assert [r['step'] for r in rows] == [4, 8, 12]
+    for r in rows:  # each interval's shares add up to its time
+      assert abs(sum(r[f'time/{p}_share'] for p in wall_time.PARTS) - 1.0) < 1e-6, r
+    assert re.search(r'Wall time [\d.]+ s: step [\d.]+%, data [\d.]+%, checkpoint [\d.]+%, '
+                     r'evaluation [\d.]+%, compile [\d.]+%, other [\d.]+%; goodput', logs[name])
+  normal, slowed = out['normal']['wall_time'], out['slowed']['wall_time']
+  # 12 batches of 0.3 s each: the source's prefetch reads a few ahead during the compilation, the
+  # training thread waits for the rest.
+  assert slowed['seconds']['data'] >= 0.8 * 8 * 0.3, slowed
+  last = {name: json.loads((tmp_path / f'work_{name}' / 'metrics.jsonl').read_text()
+                           .splitlines()[-1]) for name in ('normal', 'slowed')}
+  assert last['slowed']['time/data_share'] > 0.5, last['slowed']
+  assert last['normal']['time/data_share'] < last['slowed']['time/data_share'] / 2, last
+  lines = re.findall(r'Input-bound: the training thread waited for its batches (\d+)% of the last '
+                     r'interval', logs['slowed'])
+  assert len(lines) == 1 and int(lines[0]) > 10, logs['slowed'][-3000:]

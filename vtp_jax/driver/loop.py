@@ -31,6 +31,7 @@ from vtp_jax.checkpoints import workdir as workdir_lib
 from vtp_jax.data import device
 from vtp_jax.train import in_flight
 from vtp_jax.train import metrics as metrics_lib
+from vtp_jax.train import wall_time
 from vtp_jax.driver import peers
 # Raised from the loop; callers (launch/main.py, tests) catch them as loop.NonFiniteLoss,
 # loop.CheckpointUnreadable (no checkpoint of the workdir reads) and loop.SaveFailed.
@@ -180,6 +181,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   CheckpointUnreadable when the workdir holds checkpoints and none reads, SaveFailed when a save
   did not complete (the steps before it stay).
   """
+  clock = wall_time.WallTime()  # where the wall time goes, from here to the end
   init_distributed(config)
   workdir = paths.path(workdir)
   pi, pc = jax.process_index(), jax.process_count()
@@ -208,7 +210,8 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
     # Shapes and shardings only: no random state is initialised just to be overwritten.
     target, shardings, tx = task.create_state(config, mesh, abstract=True)
     # The newest step that reads and matches its digests; newer ones are moved aside.
-    latest, state, fits = ckpts.restore_newest_readable(target, data_iter)
+    with clock.part('checkpoint'):
+      latest, state, fits = ckpts.restore_newest_readable(target, data_iter)
     if not fits:
       logging.warning('Checkpoint %d holds no data-iterator state for %d process(es): the data '
                       'restarts from a fresh iterator positioned at step %d.', latest, pc, latest)
@@ -246,7 +249,8 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   logging.info('A %s checkpoint holds: %s.', task.name, task.checkpoint_holds)
   step_fn = task.make_train_step(config, mesh, shardings, tx)
   frozen = jax.device_put(task.frozen_inputs(config), sharding.replicated(mesh))
-  compiled = compile_step(step_fn, state, task.abstract_batch(config, mesh), mesh, frozen)
+  with clock.part('compile'):
+    compiled = compile_step(step_fn, state, task.abstract_batch(config, mesh), mesh, frozen)
 
   preemption = preemption_lib.Preemption()
   acc, skips = metrics_lib.Accumulator(), metrics_lib.SkipCounter()
@@ -270,9 +274,11 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
 
   def save(at):
     nonlocal last_saved
-    drain()  # never save a state that saw a non-finite step
+    with clock.part('step'):
+      drain()  # never save a state that saw a non-finite step
     t0 = time.perf_counter()
-    ckpts.save(at, state, data_iter, config)
+    with clock.part('checkpoint'):
+      ckpts.save(at, state, data_iter, config)
     logging.info('Checkpoint %d started (%.2f s blocking).', at, time.perf_counter() - t0)
     last_saved = at
     watchdog.saved(at)
@@ -282,14 +288,16 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   watchdog = peers.Watchdog(config, workdir, latest)  # a dead peer process: one line, exit 3
   try:
     while step < end:
-      ckpts.check_save()  # a failed async save stops the run here, at the next step
+      with clock.part('checkpoint'):
+        ckpts.check_save()  # a failed async save stops the run here, at the next step
       if preemption.reached(step):
         if last_saved != step:
           save(step)
         logging.warning('Preempted: saved step %d; exiting so the next run resumes there.', step)
         summary['preempted'] = True
         break
-      batch = next(data_iter)
+      with clock.part('data'):
+        batch = next(data_iter)
       skips.add(batch.pop('skipped', None))
       batch.pop('labels', None)
       if image_log is not None and grid_images is None:
@@ -297,20 +305,26 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
         if pc > 1:  # every process must feed the same images to the (collective) reconstruction
           from jax.experimental import multihost_utils
           grid_images = np.asarray(multihost_utils.broadcast_one_to_all(grid_images))
-      state, metrics = compiled(state, device.to_global(batch, mesh, batch_shapes), frozen)
-      step += 1
-      acc.update(metrics)
-      dispatched.add(step, metrics)  # waits for step - max_steps_ahead
+      with clock.part('data'):
+        placed = device.to_global(batch, mesh, batch_shapes)
+      with clock.part('step'):
+        state, metrics = compiled(state, placed, frozen)
+        step += 1
+        acc.update(metrics)
+        dispatched.add(step, metrics)  # waits for step - max_steps_ahead
 
       if step % int(t.log_every) == 0 or step == end:
-        drain()
-        values = acc.compute()
+        with clock.part('step'):
+          drain()
+          values = acc.compute()
         elapsed = time.perf_counter() - window_start
         values.update(metrics_lib.throughput(step - window_step, elapsed, config.data.batch_size,
                                              step_flops, float(t.peak_flops)))
         values.update(skips.global_totals())
         if t.nan_policy == 'skip':
           values['skipped_updates'] = float(skipped_updates)
+        values.update(clock.interval())
+        clock.check_input_bound(values, config.data.get('worker_count'))
         writer.scalars(step, values)
         metrics_lib.log_line(metrics_lib.progress_line(step, total, values))
         window_start, window_step = time.perf_counter(), step
@@ -323,10 +337,16 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
       if step % int(t.checkpoint_every) == 0 or step == end or evals_due:
         save(step)
       if evals_due:
-        ckpts.wait()
-        _evaluate_and_record(evaluate, config, writer, workdir, ckpts.root / str(step), step)
+        with clock.part('checkpoint'):
+          ckpts.wait()
+        with clock.part('evaluation'):
+          _evaluate_and_record(evaluate, config, writer, workdir, ckpts.root / str(step), step)
     summary['step'] = step
     summary['last_checkpoint'] = last_saved
+    with clock.part('checkpoint'):
+      ckpts.wait()  # the last save commits inside the run's wall time
+    summary['wall_time'] = clock.totals()
+    metrics_lib.log_line(clock.summary_line(summary['wall_time']))
     return summary
   except Exception as e:
     watchdog.failed(e)  # exits (status 3) when a peer process is gone; else re-raise
