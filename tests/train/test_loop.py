@@ -337,7 +337,8 @@ def test_the_wall_time_breakdown_sums_to_the_run_and_names_an_input_bound_one(dr
     for r in rows:  # each interval's shares add up to its time
       assert abs(sum(r[f'time/{p}_share'] for p in wall_time.PARTS) - 1.0) < 1e-6, r
     assert re.search(r'Wall time [\d.]+ s: step [\d.]+%, data [\d.]+%, checkpoint [\d.]+%, '
-                     r'evaluation [\d.]+%, compile [\d.]+%, other [\d.]+%; goodput', logs[name])
+                     r'evaluation [\d.]+%, compile [\d.]+%, startup [\d.]+%, other [\d.]+%; '
+                     r'goodput', logs[name])
   normal, slowed = out['normal']['wall_time'], out['slowed']['wall_time']
   # 12 batches of 0.3 s each: the source's prefetch reads a few ahead during the compilation, the
   # training thread waits for the rest.

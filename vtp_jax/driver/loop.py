@@ -266,6 +266,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   kill_after = preemption_lib.kill_switch_for_tests()
   summary = {'start_step': start, 'preempted': False}
   window_start, window_step = time.perf_counter(), step
+  clock.startup_done()
 
   def drain():
     """Checks the steps since the last check: stop on a non-finite one, or count skipped ones."""

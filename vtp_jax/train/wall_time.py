@@ -1,7 +1,7 @@
 """Where a run's wall time goes: the training thread's time split into the device step, waiting for
-the next batch, blocking checkpoint work, evaluation, compilation and the rest, per log interval
-(metrics.jsonl and TensorBoard: `time/<part>_share`, `time/<part>_s`) and for the whole run (the
-goodput is the steps' share, as MaxText reports goodput and badput).
+the next batch, blocking checkpoint work, evaluation, compilation, start-up and the rest, per log
+interval (metrics.jsonl and TensorBoard: `time/<part>_share`, `time/<part>_s`) and for the whole
+run (the goodput is the steps' share, as MaxText reports goodput and badput).
 
 The step is dispatched asynchronously, so the thread's time "in the step" is the dispatch plus the
 waits for the device (the run-ahead bound, the NaN checks at log lines); time spent waiting for a
@@ -16,7 +16,7 @@ import time
 
 from absl import logging
 
-PARTS = ('step', 'data', 'checkpoint', 'evaluation', 'compile', 'other')
+PARTS = ('step', 'data', 'checkpoint', 'evaluation', 'compile', 'startup', 'other')
 INPUT_BOUND_SHARE = 0.10
 
 
@@ -38,6 +38,14 @@ class WallTime:
       elapsed = time.perf_counter() - t0
       self._interval[name] += elapsed
       self._total[name] += elapsed
+
+  def startup_done(self) -> None:
+    """Books the time since the start that no part measured as 'startup' (distributed init, the
+    data iterator, the state's init, the step's construction)."""
+    now = time.perf_counter()
+    unmeasured = max(now - self._start - sum(self._total.values()), 0.0)
+    self._interval['startup'] += unmeasured
+    self._total['startup'] += unmeasured
 
   def interval(self) -> dict:
     """The interval since the last call as metrics ({'time/data_share': ..., 'time/data_s': ...};
