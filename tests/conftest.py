@@ -158,6 +158,25 @@ def get_config():
 '''
 
 
+# The kill switches a test sets for one driver subprocess; never inherited by another.
+KILL_SWITCHES = ('VTP_TEST_KILL_AFTER_SAVE', 'VTP_TEST_KILL_DURING_SET_ASIDE')
+
+
+def driver_subprocess_env(base: pathlib.Path, config_name: str) -> tuple:
+  """(config file, environment) for driver subprocesses (launch/main.py or a script importing the
+  config by `config_name`): MICRO_CONFIG written to base/config_name.py, one CPU device, the
+  compile cache of `base` shared by every subprocess of this test process."""
+  config_file = base / f'{config_name}.py'
+  config_file.write_text(MICRO_CONFIG)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(pathlib.Path(__file__).parents[1]),
+             XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=1',
+             JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  for key in KILL_SWITCHES:
+    env.pop(key, None)
+  return config_file, env
+
+
 def assert_abstract_state_describes(state, config, mesh):
   """`create(abstract=True)` gives exactly the shapes, dtypes and shardings `create` makes."""
   from vtp_jax import tasks  # local, as in the fixtures above

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import gcs_server
-from conftest import FAST_COMPILE, MICRO_CONFIG
+from conftest import driver_subprocess_env
 from test_checkpoint_damage import DAMAGE, _file_hash, _run_jobs
 from vtp_jax import checkpoints
 from vtp_jax import paths
@@ -32,16 +32,7 @@ STEPS = ['--config.train.steps=8', '--config.train.checkpoint_every=2',
 
 @pytest.fixture(scope='module')
 def run_env(tmp_path_factory):
-  base = tmp_path_factory.getbasetemp()
-  config_file = base / 'damage_micro.py'  # the name test_checkpoint_damage's jobs import
-  config_file.write_text(MICRO_CONFIG)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
-             XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=1',
-             JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  for key in ('VTP_TEST_KILL_AFTER_SAVE', 'VTP_TEST_KILL_DURING_SET_ASIDE'):
-    env.pop(key, None)
-  return config_file, env
+  return driver_subprocess_env(tmp_path_factory.getbasetemp(), 'damage_micro')
 
 
 def _main(run_env, workdir, *flags, env=None, timeout=600):

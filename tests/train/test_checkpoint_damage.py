@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import FAST_COMPILE, MICRO_CONFIG
+from conftest import driver_subprocess_env
 from vtp_jax import checkpoints
 from vtp_jax import paths
 
@@ -71,15 +71,7 @@ print('RESULT ' + json.dumps(out))
 @pytest.fixture(scope='module')
 def run_env(tmp_path_factory):
   """(config file, environment) for the driver subprocesses: 1 CPU device, a shared cache."""
-  base = tmp_path_factory.getbasetemp()
-  config_file = base / 'damage_micro.py'
-  config_file.write_text(MICRO_CONFIG)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
-             XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=1',
-             JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),  # shared with test_loop.py
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  env.pop('VTP_TEST_KILL_AFTER_SAVE', None)
-  return config_file, env
+  return driver_subprocess_env(tmp_path_factory.getbasetemp(), 'damage_micro')
 
 
 def _run_jobs(run_env, jobs):

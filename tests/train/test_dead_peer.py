@@ -9,7 +9,6 @@ gloo collectives, a shared compile cache), with the workdir in a bucket of the l
 The watchdog's judgement of a failed collective is also tested alone, on a fake key-value store.
 """
 
-import os
 import pathlib
 import re
 import subprocess
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 
 import gcs_server
-from conftest import FAST_COMPILE, MICRO_CONFIG
+from conftest import driver_subprocess_env
 from vtp_jax import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -37,15 +36,7 @@ BOUND_S = 30  # the survivor's exit after the death: seconds (the heartbeat time
 
 @pytest.fixture(scope='module')
 def run_env(tmp_path_factory):
-  base = tmp_path_factory.getbasetemp()
-  config_file = base / 'dead_peer_micro.py'
-  config_file.write_text(MICRO_CONFIG)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
-             XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=1',
-             JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  env.pop('VTP_TEST_KILL_AFTER_SAVE', None)
-  return config_file, env
+  return driver_subprocess_env(tmp_path_factory.getbasetemp(), 'dead_peer_micro')
 
 
 @pytest.fixture(scope='module', params=['gcs'])  # 'local' runs it in a local folder instead

@@ -32,7 +32,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vtp_jax import paths
 from vtp_jax.checkpoints import digest as checkpoint_digest
 from vtp_jax.checkpoints import errors
 from vtp_jax.checkpoints import saved
