@@ -134,7 +134,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_epochs = 0  # passes over the source; 0 repeats forever
   c.data.read_threads = 8  # Grain ReadOptions.num_threads: decode threads per worker
   c.data.read_buffer_size = 256  # Grain ReadOptions.prefetch_buffer_size: decoded records ahead
-  c.data.worker_count = 0  # Grain mp_prefetch worker processes; 0 = everything in-process
+  c.data.worker_count = -1  # Grain worker processes; -1 = auto (cores less 2-8, RAM-capped); 0 = none
+  c.data.decode = 'scaled'  # JPEG decode at the DCT scale the crops allow; 'full' = whole image
   c.data.prefetch_buffer_size = 2  # batches each worker keeps ready
 
   c.loss = ml_collections.ConfigDict()

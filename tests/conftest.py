@@ -119,6 +119,7 @@ def micro_config(**precision):
   config.model.dino_head.update(hidden=32, bottleneck=16, prototypes=64)
   config.data.image_size = 32
   config.evals.at_end = False  # vtp_tiny's README-demo evals read vtp_shapes
+  config.data.worker_count = 0  # no worker processes, whatever the machine's cores (auto is -1)
   config.precision.update(precision)
   return config
 
@@ -149,7 +150,8 @@ def get_config():
   c.model.clip_dim = 16
   c.model.bottleneck_dim = 8
   c.model.dino_head.update(hidden=32, bottleneck=16, prototypes=64)
-  c.data.update(image_size=32, batch_size=4, rec_batch_fraction=0.5, source='synthetic')
+  c.data.update(image_size=32, batch_size=4, rec_batch_fraction=0.5, source='synthetic',
+                worker_count=0)
   c.loss.update(ssl_weight=0.0, lpips_weight=0.0)
   c.optim.update(warmup_steps=2, freeze_last_layer_steps=1)
   c.train.update(steps=40, checkpoint_every=10, log_every=1, image_log_every=6, image_log_count=2)

@@ -143,3 +143,85 @@ def test_bad_record_pickles_and_rejects_unknown_reasons():
   assert err.reason == 'empty_caption' and err.detail == 'shard/1'
   with pytest.raises(ValueError):
     BadRecord('not_a_reason')
+
+
+
+# --- Reduced (DCT-scaled) JPEG decode against the full decode, on photographs ------------------
+
+
+def _photos():
+  """scikit-image photographs as JPEGs: retina at its own 1411 px, two others upscaled to 1024."""
+  from skimage import data as skdata
+  out = {'retina': Image.fromarray(skdata.retina())}
+  for name in ('astronaut', 'coffee'):
+    image = Image.fromarray(getattr(skdata, name)())
+    f = 1024 / max(image.size)
+    out[name] = image.resize((round(image.width * f), round(image.height * f)), Image.BICUBIC)
+  return {k: _encode(v, 'JPEG', quality=90) for k, v in out.items()}
+
+
+def test_scaled_decode_of_jpegs_only_and_its_source_size():
+  astronaut = _photos()['astronaut']
+  full = decode.decode_image(astronaut)
+  small, source_hw = decode.decode_image_scaled(astronaut, lambda hw: 2)
+  assert full.shape == (1024, 1024, 3) and small.shape == (512, 512, 3)
+  assert source_hw == (1024, 1024)
+  # The reduced decode is the picture at half size: close to a box-filtered full decode.
+  box = full.reshape(512, 2, 512, 2, 3).astype(np.float32).mean((1, 3))
+  assert np.abs(small.astype(np.float32) - box).mean() < 2.0
+  cmyk = _encode(Image.fromarray(full).convert('CMYK'), 'JPEG')
+  assert np.abs(decode.decode_image_scaled(cmyk, lambda hw: 2)[0].astype(np.float32)
+                - box).mean() < 3.0
+  png = _encode(Image.fromarray(full), 'PNG')  # no reduced decode: whole, and not even asked
+  out, hw = decode.decode_image_scaled(png, lambda hw: 1 / 0)
+  assert out.shape == (1024, 1024, 3) and hw == (1024, 1024)
+  # EXIF orientation 6 (turned 90 degrees): the size handed over and kept is the turned one.
+  wide = Image.fromarray(full[:512])
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  buf = io.BytesIO()
+  wide.save(buf, 'JPEG', exif=exif)
+  asked = []
+  out, hw = decode.decode_image_scaled(buf.getvalue(), lambda hw: asked.append(hw) or 4)
+  assert asked == [(1024, 512)] and hw == (1024, 512) and out.shape == (256, 128, 3)
+
+
+def _stats(array):
+  a = array.astype(np.float32)
+  sharp = np.abs(np.diff(a, axis=-2)).mean() + np.abs(np.diff(a, axis=-3)).mean()
+  return a.mean(), a.std(), sharp
+
+
+def test_views_of_the_scaled_decode_match_the_full_decode_on_photographs():
+  """Same seeds, full against scaled decode: the crops are drawn on the same source size (so the
+  boxes are the same), and the outputs' brightness, contrast, sharpness and pixels agree."""
+  from conftest import micro_config
+  from vtp_jax.data import views
+  config = micro_config()
+  config.data.update(image_size=256, global_crop_size=224, local_crop_size=96, n_local_crops=8,
+                     clip_crop_scale=(0.9, 1.0), rec_crop_scale=(0.8, 1.0),
+                     global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32),
+                     crop_ratio=(3 / 4, 4 / 3))
+  branches = ('clip', 'rec', 'ssl')
+  reduced = 0
+  for name, data in _photos().items():
+    full = decode.decode_image(data)
+    for seed in range(3):
+      rngs = lambda: {b: np.random.default_rng([seed, i]) for i, b in enumerate(branches)}
+      small, hw = decode.decode_image_scaled(data, lambda hw: views.decode_reduction(
+          hw, views.view_boxes(hw, config, branches, rngs())))
+      assert hw == full.shape[:2]
+      reduced += small.shape[0] < full.shape[0]
+      outs = []
+      for image in (full, small):
+        pil, r = views.as_pil(image), rngs()
+        outs.append([views.clip_view(pil, config, r['clip'], hw),
+                     views.rec_view(pil, config, r['rec'], hw),
+                     *views.ssl_views(pil, config, r['ssl'], hw)])
+      for x, y in zip(*outs):
+        assert x.shape == y.shape
+        (ma, sa, ha), (mb, sb, hb) = _stats(x), _stats(y)
+        assert abs(ma - mb) < 1.0 and abs(sa - sb) < 1.0, (name, ma, mb, sa, sb)
+        assert abs(ha - hb) < 0.08 * ha + 0.3, (name, ha, hb)  # not softer nor sharper
+        assert np.abs(x.astype(np.float32) - y.astype(np.float32)).mean() < 3, name
+  assert reduced >= 5  # most of the 9 decodes took the reduced path

@@ -76,7 +76,9 @@ def mixed_records():
 
 def _config(batch_size=8, **data):
   config = micro_config()
-  config.data.update(batch_size=batch_size, read_threads=2, read_buffer_size=8, **data)
+  # worker_count=0 unless a test asks: the default (-1, auto) would start one per core.
+  config.data.update(batch_size=batch_size, read_threads=2, read_buffer_size=8, worker_count=0)
+  config.data.update(**data)
   return config
 
 
@@ -255,3 +257,51 @@ def test_bad_configs_get_clear_errors():
     next(pipeline.make_iterator(_config(), process_index=0, process_count=1, source=all_bad))
   with pytest.raises(ValueError, match='holds no records'):
     pipeline.make_iterator(_config(), process_index=0, process_count=1, source=Records([]))
+
+
+@pytest.mark.parametrize('cores,want', [(1, 0), (2, 0), (4, 2), (16, 14), (32, 28), (64, 56),
+                                        (208, 128), (224, 128)])
+def test_auto_worker_count_rule(cores, want):
+  # All cores but max(2, min(8, cores // 8)), at most 128 (the documented rule, by hand).
+  assert pipeline.auto_worker_count(cores) == want
+  config = _config(worker_count=-1)
+  assert pipeline.resolve_worker_count(config, cores, ram_bytes=2**40) == want
+  for explicit in (0, 3):
+    config.data.worker_count = explicit
+    assert pipeline.resolve_worker_count(config, cores, ram_bytes=1) == explicit  # kept as set
+
+
+def test_auto_worker_count_stays_within_half_the_ram():
+  # A VTP-S host share (8,192 images) by hand: CLIP 256^2*3, SSL quarter 2*224^2*3 + 8*96^2*3
+  # + masks, rec eighth 256^2*3 bytes; tokens int32. Three batches a worker (2 ready + 1 built).
+  config = _config(worker_count=-1, batch_size=8192, image_size=256, global_crop_size=224,
+                   local_crop_size=96, n_local_crops=8, prefetch_buffer_size=2)
+  config.model.patch_size = 16
+  image = 256 * 256 * 3
+  ssl = 2 * 224 * 224 * 3 + 8 * 96 * 96 * 3 + 2 * 14 * 14
+  batch = 8192 * (image + 4 * config.model.text.context_length) + 2048 * ssl + 1024 * image
+  ram = 448 * 2**30  # a v5p host
+  want = min(128, int(0.5 * ram // (3 * batch)))
+  assert want < 128 and pipeline.resolve_worker_count(config, 208, ram_bytes=ram) == want
+
+
+def test_scaled_and_full_decode_give_the_same_batches_for_small_images():
+  """Images too small to shrink decode whole either way: the two modes agree bit for bit, and
+  large JPEGs give the same shapes and nearly the same pixels."""
+  source = Records(good_records(8))
+  a = _all_batches(_config(decode='full', num_epochs=1), source)
+  b = _all_batches(_config(decode='scaled', num_epochs=1), source)
+  for x, y in zip(a, b):
+    for branch in ('clip', 'rec'):
+      np.testing.assert_array_equal(x[branch]['image'], y[branch]['image'])
+  big = Records([{'key': f'big/{i}', 'image': _encode(_picture(i, 400, 480)), 'caption': 'big',
+                  'label': i} for i in range(8)])
+  config = _config(decode='scaled', num_epochs=1)
+  scaled = _all_batches(config, big)
+  full = _all_batches(_config(decode='full', num_epochs=1), big)
+  for x, y in zip(scaled, full):
+    assert x['clip']['image'].shape == y['clip']['image'].shape
+    diff = np.abs(x['clip']['image'].astype(float) - y['clip']['image'].astype(float)).mean()
+    assert diff < 8
+  with pytest.raises(ValueError, match='data.decode'):
+    _all_batches(_config(decode='half'), source)

@@ -133,3 +133,67 @@ def test_grayscale_probability_over_many_crops():
   grey = np.all(loc == loc[..., :1], axis=(1, 2, 3))
   # Binomial(300, 0.2): mean 60, sd 6.9.
   assert 35 <= grey.sum() <= 85
+
+
+
+def test_view_boxes_replay_the_views_own_draws():
+  """view_boxes (drawn before decoding) names the very boxes the views then cut."""
+  config = micro_config()
+  image = views.as_pil(_image(50, 70))
+  rngs = {b: np.random.default_rng(i) for i, b in enumerate(('clip', 'rec', 'ssl'))}
+  boxes = views.view_boxes((50, 70), config, ('clip', 'rec', 'ssl'), rngs)
+  cut = []
+  real_crop = views.resized_crop
+  views.resized_crop = lambda img, box, size, hw=None: cut.append((box, size)) or real_crop(
+      img, box, size, hw)
+  try:
+    views.clip_view(image, config, np.random.default_rng(0))
+    views.rec_view(image, config, np.random.default_rng(1))
+    views.ssl_views(image, config, np.random.default_rng(2))
+  finally:
+    views.resized_crop = real_crop
+  assert [(tuple(b), s) for b, s in boxes] == [(tuple(b), s) for b, s in cut]
+  assert len(cut) == 2 + 2 + config.data.n_local_crops
+
+
+def _min_side_reference(height, width, r):
+  """Shorter side of the decoded image after a libjpeg reduction by r (ceil), as a fraction."""
+  return math.ceil(height / r) / height, math.ceil(width / r) / width
+
+
+@pytest.mark.parametrize('hw', [(1024, 1024), (768, 1024), (2000, 3000), (300, 451)])
+def test_decode_reduction_keeps_every_drawn_crop_at_its_output_side(hw):
+  d = micro_config().data
+  d.update(image_size=256, global_crop_size=224, local_crop_size=96, n_local_crops=8,
+           clip_crop_scale=(0.9, 1.0), global_crop_scale=(0.32, 1.0),
+           local_crop_scale=(0.05, 0.32), rec_crop_scale=(0.8, 1.0), crop_ratio=(3 / 4, 4 / 3))
+  config = micro_config()
+  config.data = d
+  seen = set()
+  for seed in range(40):
+    rngs = {b: np.random.default_rng([seed, i]) for i, b in enumerate(('clip', 'rec', 'ssl'))}
+    boxes = views.view_boxes(hw, config, ('clip', 'rec', 'ssl'), rngs)
+    r = views.decode_reduction(hw, boxes)
+    seen.add(r)
+    fy, fx = _min_side_reference(*hw, r)
+    for (_, _, h, w), size in boxes:
+      assert min(h * fy, w * fx) >= min(size, h, w)
+    if r < 8:  # the next reduction would have shrunk some crop below its output side
+      fy, fx = _min_side_reference(*hw, 2 * r)
+      assert any(min(h * fy, w * fx) < min(size, h, w) for (_, _, h, w), size in boxes)
+  if hw == (300, 451):
+    assert seen == {1}
+  if hw == (2000, 3000):
+    assert max(seen) >= 4
+
+
+def test_crop_on_a_reduced_image_matches_the_full_image_crop():
+  yy, xx = np.mgrid[0:60, 0:80] / 80
+  x = np.stack([np.sin(5 * xx + 3 * yy + k) * 100 + 128 for k in range(3)], -1).astype(np.uint8)
+  half = views.as_pil(x.reshape(30, 2, 40, 2, 3).mean((1, 3)).round().astype(np.uint8))
+  box = (11, 13, 35, 41)  # top, left, h, w on the 60 x 80 source: half-pixel edges on `half`
+  full = np.asarray(views.resized_crop(views.as_pil(x), box, 16), np.float32)
+  small = np.asarray(views.resized_crop(half, box, 16, (60, 80)), np.float32)
+  ref = np.asarray(views.as_pil(x[11:46, 13:54]).resize((16, 16), Image.BICUBIC), np.float32)
+  np.testing.assert_array_equal(full, ref)
+  assert np.abs(small - ref).mean() < 2.0

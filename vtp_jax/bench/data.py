@@ -2,12 +2,16 @@
 
   python -m vtp_jax.bench.data --config=configs/vtp_tiny.py --workers=2 [--batches=20]
       [--synthetic=512 --synthetic_side=256]   # in-memory JPEGs instead of config.data.source
+      [--photos=128 [--photos_side=1024]]      # scikit-image's photographs as JPEGs (0 = own size)
+      [--decode=full,scaled]                   # data.decode modes, measured one after the other
 
 Every image goes through decode, the CLIP view, tokenisation and (for its sub-batch share) the SSL
 multi-crop with masks and the reconstruction view, exactly as training sees it. The first batch
 is not timed (worker start-up and thread warm-up); images/s counts CLIP examples, i.e. source
 images, per second of wall time in this process; with --workers=0, `images_per_cpu_s` counts them
 per CPU-second of the process (every thread), the per-core rate a host's core count multiplies.
+One JSON line is printed per --decode mode, all on the same records in the same process, so the
+old ('full') and new ('scaled') decode are compared on equal terms.
 """
 
 import io
@@ -44,10 +48,38 @@ class SyntheticSource:
     return f'SyntheticSource(n={len(self._records)})'
 
 
-def bench(config, *, workers: int, batches: int, source=None) -> dict:
+# scikit-image's bundled colour photographs (300x451 to 1411x1411), no download needed.
+PHOTO_NAMES = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field',
+               'immunohistochemistry', 'retina', 'cat')
+
+
+class PhotoSource(SyntheticSource):
+  """`n` JPEG records (quality 90) cycling over scikit-image's photographs, at their own size or
+  resized (bicubic) so the longest side is `side`: real image statistics for the decode path."""
+
+  def __init__(self, n: int, side: int = 0):  # pylint: disable=super-init-not-called
+    from skimage import data as skdata  # pylint: disable=g-import-not-at-top
+    photos = []
+    for name in PHOTO_NAMES:
+      image = Image.fromarray(getattr(skdata, name)()).convert('RGB')
+      if side:
+        factor = side / max(image.size)
+        image = image.resize((round(image.width * factor), round(image.height * factor)),
+                             Image.BICUBIC)
+      buf = io.BytesIO()
+      image.save(buf, 'JPEG', quality=90)
+      photos.append((name, buf.getvalue()))
+    self._records = [{'key': f'photo/{i}/{photos[i % len(photos)][0]}',
+                      'image': photos[i % len(photos)][1], 'caption': f'a photograph number {i}',
+                      'label': -1} for i in range(n)]
+
+
+def bench(config, *, workers: int, batches: int, source=None, decode: str | None = None) -> dict:
   from vtp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.data.worker_count = workers
+  if decode:
+    config.data.decode = decode
   config.data.num_epochs = 0
   it = pipeline.make_iterator(config, process_index=0, process_count=1, source=source)
   try:
@@ -61,7 +93,8 @@ def bench(config, *, workers: int, batches: int, source=None) -> dict:
   finally:
     if hasattr(it, 'close'):
       it.close()
-  return {'workers': workers, 'batches': batches, 'batch_size': n_local,
+  return {'decode': config.data.get('decode', 'full'), 'workers': workers, 'batches': batches,
+          'batch_size': n_local,
           'image_size': config.data.image_size, 'global_crop_size': config.data.global_crop_size,
           'local_crop_size': config.data.local_crop_size,
           'n_local_crops': config.data.n_local_crops,
@@ -77,8 +110,14 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  source = SyntheticSource(f.synthetic, f.synthetic_side) if f.synthetic else None
-  print(json.dumps(bench(f.config, workers=f.workers, batches=f.batches, source=source)))
+  if f.photos:
+    source = PhotoSource(f.photos, f.photos_side)
+  else:
+    source = SyntheticSource(f.synthetic, f.synthetic_side) if f.synthetic else None
+  for mode in (f.decode or [None]):
+    result = bench(f.config, workers=f.workers, batches=f.batches, source=source, decode=mode)
+    result['source'] = repr(source) if source is not None else f.config.data.source
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == '__main__':
@@ -89,5 +128,9 @@ if __name__ == '__main__':
   flags.DEFINE_integer('batches', 10, 'timed batches after the first')
   flags.DEFINE_integer('synthetic', 0, 'use this many in-memory JPEGs instead of data.source')
   flags.DEFINE_integer('synthetic_side', 256, 'side of the synthetic JPEGs in pixels')
+  flags.DEFINE_integer('photos', 0, 'use this many JPEGs of scikit-image photographs instead')
+  flags.DEFINE_integer('photos_side', 0, 'longest side of the photographs; 0 = their own size')
+  flags.DEFINE_list('decode', [], 'data.decode modes to measure in turn (full, scaled); '
+                    "empty = the config's")
   flags.mark_flags_as_required(['config'])
   app.run(main)

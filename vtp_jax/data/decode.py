@@ -9,6 +9,13 @@ Images decode with Pillow (JPEG, PNG, WebP, plus GIF/BMP/TIFF which cost nothing
 Greyscale, 16-bit, CMYK (Pillow undoes Adobe's inverted CMYK), palette and alpha images all become
 RGB; alpha, including palette/RGB `transparency`, is composited on white. Tiny images are kept:
 the views upscale them.
+
+With data.decode='scaled' (the pipeline passes `reduction_for`) a JPEG is decoded at reduced DCT
+scale (libjpeg's 1/2, 1/4, 1/8, through Pillow's `draft`): the caller sees the header's size (EXIF
+orientation applied) before any pixel is decoded and names the reduction its crops allow
+(views.decode_reduction). Decode time and every later resize shrink with the pixel count; the
+record keeps the stored size (`source_hw`) so the views draw the same crops as on the full image
+(tests/data/test_decode.py compares both paths on photographs). Other formats are read whole.
 """
 
 import io
@@ -21,6 +28,9 @@ SKIP_REASONS = ('missing_image', 'missing_caption', 'empty_caption', 'undecodabl
 # Pillow's own bomb guard warns at MAX_IMAGE_PIXELS and raises at twice that; we refuse at this
 # limit ourselves so a hostile header never allocates gigabytes inside a data worker.
 MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS (about 0.25 GiB of RGBA)
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that exif_transpose turns by 90 degrees
 
 # JPEG, its multi-picture variant (some cameras), PNG and WebP are what img2dataset writes.
 # Image.init() registers every plugin; without it `formats=` fails on the lazily loaded ones.
@@ -77,6 +87,26 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
 
 def decode_image(data: bytes) -> np.ndarray:
   """Encoded image bytes -> (H, W, 3) uint8 RGB; raises BadRecord('undecodable_image')."""
+  return decode_image_scaled(data)[0]
+
+
+def _oriented_hw(img: Image.Image) -> tuple[int, int]:
+  """(height, width) the image will have after exif_transpose."""
+  width, height = img.size
+  try:
+    if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
+      return width, height
+  except Exception:  # pylint: disable=broad-except  (malformed EXIF: exif_transpose skips it too)
+    pass
+  return height, width
+
+
+def decode_image_scaled(data: bytes, reduction_for=None) -> tuple[np.ndarray, tuple[int, int]]:
+  """(RGB uint8 (h, w, 3), the stored image's oriented (H, W)); raises BadRecord.
+
+  `reduction_for(source_hw) -> r` (1, 2, 4 or 8) names the DCT reduction a JPEG may be decoded
+  at; without it, or for other formats, the image is decoded whole and (h, w) == (H, W).
+  """
   if ImageFile.LOAD_TRUNCATED_IMAGES:
     # Someone enabled Pillow's global "pad truncated images with grey": we would silently train
     # on half-grey pictures instead of skipping them.
@@ -88,6 +118,15 @@ def decode_image(data: bytes) -> np.ndarray:
     if width * height > MAX_PIXELS:
       raise BadRecord('undecodable_image',
                       f'decompression bomb guard: {width}x{height} exceeds {MAX_PIXELS} pixels')
+    source_hw = _oriented_hw(img)
+    reduction = 1
+    if reduction_for is not None and img.format in ('JPEG', 'MPO'):
+      reduction = reduction_for(source_hw)
+    if reduction > 1:
+      # draft() picks the largest DCT scale whose output is at least the requested size; asking
+      # for floor(side / r) selects exactly r. Mode None keeps the colour space (CMYK stays
+      # CMYK for _to_rgb to convert).
+      img.draft(None, (max(1, width // reduction), max(1, height // reduction)))
     img.load()  # Image.open is lazy: force the full decode so truncation surfaces here.
     try:
       img = ImageOps.exif_transpose(img)
@@ -103,7 +142,11 @@ def decode_image(data: bytes) -> np.ndarray:
     raise BadRecord('undecodable_image', f'{type(e).__name__}: {e}') from None
   if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
     raise BadRecord('undecodable_image', f'decoded to shape {rgb.shape}')
-  return np.ascontiguousarray(rgb, dtype=np.uint8)
+  if reduction == 1 or rgb.shape[:2] != tuple(-(-s // reduction) for s in source_hw):
+    # Whole, or not the reduction asked for (a draft refused, an EXIF turn not applied): the
+    # crops are then drawn on the pixels as decoded, as on the full path.
+    source_hw = rgb.shape[:2]
+  return np.ascontiguousarray(rgb, dtype=np.uint8), tuple(source_hw)
 
 
 def _array_to_rgb(image: np.ndarray) -> np.ndarray:
@@ -128,14 +171,15 @@ def _array_to_rgb(image: np.ndarray) -> np.ndarray:
   raise BadRecord('undecodable_image', f'decoded image has {channels} channels')
 
 
-def decode_record(raw: dict) -> dict:
+def decode_record(raw: dict, reduction_for=None) -> dict:
   """A raw source record -> {'key', 'image': uint8 (H, W, 3), 'caption': str, 'label': int}.
 
   `raw['image']` is encoded bytes (JPEG/PNG/WebP/...), or an already-decoded uint8 array of shape
   (H, W), (H, W, 1|2|3|4) (TFDS sources whose image feature is not skip-decodable), or None.
   `raw['caption']` is str, UTF-8 bytes, or None. Checks run cheapest first, so a record with
   several faults reports the first of: missing_image, missing_caption, empty_caption,
-  undecodable_image.
+  undecodable_image. `reduction_for` as in decode_image_scaled; the record's 'source_hw' is the
+  stored image's (H, W), which the views draw crops in.
 
   Raises:
     BadRecord: the record must be skipped; `.reason` names why.
@@ -151,9 +195,10 @@ def decode_record(raw: dict) -> dict:
   if not caption:
     raise BadRecord('empty_caption', str(raw.get('key')))
   if isinstance(image, (bytes, bytearray, memoryview, np.bytes_)):
-    rgb = decode_image(bytes(image))
+    rgb, source_hw = decode_image_scaled(bytes(image), reduction_for)
   else:
     rgb = _array_to_rgb(image)
+    source_hw = rgb.shape[:2]
   label = raw.get('label', -1)
-  return {'key': raw.get('key'), 'image': rgb, 'caption': caption,
+  return {'key': raw.get('key'), 'image': rgb, 'source_hw': tuple(source_hw), 'caption': caption,
           'label': -1 if label is None else int(label)}

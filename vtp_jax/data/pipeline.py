@@ -1,11 +1,12 @@
 """The Grain input graph: raw source -> host-local VTP batches (the vtp_jax/batch.py contract).
 
     MapDataset.source(make_source(config)) -> shuffle(data.seed) -> repeat(data.num_epochs)
-      -> map_with_index(decode)            # BadRecord becomes a skip marker, never an exception
+      -> map_with_index(decode)            # BadRecord becomes a skip marker, never an exception;
+                                           # data.decode='scaled': JPEGs at reduced DCT scale
       -> [process_index::process_count]    # each JAX process reads a disjoint share
       -> to_iter_dataset(ReadOptions)      # decoding runs in data.read_threads threads
       -> ViewsBatchIterDataset             # drop + count skips, batch, pick sub-batches, views
-      -> mp_prefetch(data.worker_count)    # optional worker processes
+      -> mp_prefetch(data.worker_count)    # optional worker processes; -1 = auto_worker_count
 
 Determinism: an example's views are drawn from Generator(seed, global index, view tag), where the
 global index counts positions in the shuffled, repeated sequence (so it encodes epoch and
@@ -16,8 +17,10 @@ across processes and workers. Nothing depends on thread timing, so restoring the
 """
 
 import collections
+import functools
+import os
 
-from absl import flags
+from absl import flags, logging
 import grain
 import jax
 import numpy as np
@@ -28,12 +31,36 @@ from vtp_jax.data import decode, masking, text, views
 _CLIP, _SSL, _REC, _BATCH = 0, 1, 2, 3  # view tags of the random streams
 
 
+DECODE_MODES = ('scaled', 'full')
+# auto_worker_count: cores left to the training process (JAX's host threads, the checkpoint and
+# metric writers) and the ceiling; beyond ~128 workers start-up and per-worker batch buffers cost
+# more than the cores add (each worker holds prefetch_buffer_size whole host batches).
+AUTO_RESERVED_CORES_MIN, AUTO_RESERVED_CORES_MAX, AUTO_MAX_WORKERS = 2, 8, 128
+
+
 class _Decode:
-  """map_with_index fn: raw record -> decoded record tagged with its global index, or a marker."""
+  """map_with_index fn: raw record -> decoded record tagged with its global index, or a marker.
+
+  With data.decode='scaled' a JPEG is decoded at the largest DCT reduction that the example's own
+  crops allow: every view's draws are replayed here from the header's size, on the generators the
+  views will use, for every active branch (whether the example joins the SSL and rec sub-batches
+  is only drawn once its batch is formed).
+  """
+
+  def __init__(self, config=None, seed=0):
+    self._config, self._seed = config, seed
+    self._branches = batch_lib.active_branches(config) if config is not None else ()
+
+  def _reduction(self, index, source_hw):
+    rngs = {'clip': _rng(self._seed, _CLIP, index), 'rec': _rng(self._seed, _REC, index),
+            'ssl': _rng(self._seed, _SSL, index)}
+    boxes = views.view_boxes(source_hw, self._config, self._branches, rngs)
+    return views.decode_reduction(source_hw, boxes)
 
   def __call__(self, index, raw):
+    reduction_for = functools.partial(self._reduction, index) if self._config is not None else None
     try:
-      record = decode.decode_record(raw)
+      record = decode.decode_record(raw, reduction_for)
     except decode.BadRecord as e:
       return {'skip': e.reason, 'key': raw.get('key'), 'index': index}
     record['index'] = index
@@ -56,13 +83,13 @@ def _build_batch(records, config, seed, b_ssl, b_rec, with_keys, mask_collate) -
   out = {}
   if 'clip' in active:
     out['clip'] = {
-        'image': np.stack([views.clip_view(im, config, _rng(seed, _CLIP, r['index']))
-                           for im, r in zip(images, records)]),
+        'image': np.stack([views.clip_view(im, config, _rng(seed, _CLIP, r['index']),
+                                           r['source_hw']) for im, r in zip(images, records)]),
         'tokens': text.tokenize([r['caption'] for r in records],
                                 context_length=config.model.text.context_length)}
   if 'ssl' in active:
-    crops = [views.ssl_views(images[i], config, _rng(seed, _SSL, records[i]['index']))
-             for i in ssl_rows]
+    crops = [views.ssl_views(images[i], config, _rng(seed, _SSL, records[i]['index']),
+                             records[i]['source_hw']) for i in ssl_rows]
     d = config.data
     out['ssl'] = {
         'global': _stack([c[0] for c in crops], (0, 2, d.global_crop_size, d.global_crop_size, 3)),
@@ -71,7 +98,8 @@ def _build_batch(records, config, seed, b_ssl, b_rec, with_keys, mask_collate) -
         'mask': masking.ssl_masks(config, len(ssl_rows), batch_rng, mask_collate)}
   if 'rec' in active:
     out['rec'] = {'image': _stack([views.rec_view(images[i], config,
-                                                  _rng(seed, _REC, records[i]['index']))
+                                                  _rng(seed, _REC, records[i]['index']),
+                                                  records[i]['source_hw'])
                                    for i in rec_rows],
                                   (0, config.data.image_size, config.data.image_size, 3))}
   out['labels'] = np.asarray([r['label'] for r in records], np.int32)
@@ -195,8 +223,67 @@ def check_config(config) -> None:
   if len(d.color_jitter) != 4:
     raise ValueError(f'data.color_jitter={d.color_jitter}: give (brightness, contrast, '
                      'saturation, hue).')
-  if d.num_epochs < 0 or d.worker_count < 0 or d.read_threads < 0:
-    raise ValueError('data.num_epochs, data.worker_count and data.read_threads must be >= 0.')
+  if d.num_epochs < 0 or d.worker_count < -1 or d.read_threads < 0:
+    raise ValueError('data.num_epochs and data.read_threads must be >= 0, data.worker_count >= -1 '
+                     '(-1 = one per core but a few).')
+  if d.get('decode', 'scaled') not in DECODE_MODES:
+    raise ValueError(f'data.decode={d.decode!r}: use one of {DECODE_MODES}.')
+
+
+def host_cores() -> int:
+  """CPU cores this process may run on (its affinity mask, which containers narrow)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS has no affinity
+    return os.cpu_count() or 1
+
+
+def host_ram_bytes() -> int:
+  try:
+    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  except (ValueError, OSError, AttributeError):
+    return 0  # unknown: no memory cap
+
+
+def auto_worker_count(cores: int, worker_bytes: int = 0, ram_bytes: int = 0) -> int:
+  """data.worker_count=-1: one Grain worker per core, less a few, within memory, at most 128.
+
+  The reserve is cores/8 clamped to [2, 8] (JAX's host threads, checkpoint and metric writers).
+  Each worker decodes and augments whole host batches at one core's rate (docs/scaling.md, 'The
+  host keeps up'), so the input rate grows with the workers; but each also holds its batches
+  (worker_bytes), and together they may take at most half of the host's RAM (ram_bytes). A
+  machine with two cores or fewer gets no workers (everything in-process).
+  """
+  reserve = min(AUTO_RESERVED_CORES_MAX, max(AUTO_RESERVED_CORES_MIN, cores // 8))
+  count = min(AUTO_MAX_WORKERS, cores - reserve)
+  if worker_bytes and ram_bytes:
+    count = min(count, int(0.5 * ram_bytes // worker_bytes))
+  return max(0, count)
+
+
+_logged_auto = set()
+
+
+def resolve_worker_count(config, cores: int | None = None, process_count: int = 1,
+                         ram_bytes: int | None = None) -> int:
+  """data.worker_count, with -1 resolved by auto_worker_count (logged once per value); a worker's
+  memory is (prefetch_buffer_size + 1) host-local batches (the one it is building)."""
+  d = config.data
+  if d.worker_count != -1:
+    return d.worker_count
+  cores = host_cores() if cores is None else cores
+  ram_bytes = host_ram_bytes() if ram_bytes is None else ram_bytes
+  batch_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                    for fields in batch_lib.batch_shapes(config).values()
+                    for shape, dtype in fields.values()) // process_count
+  count = auto_worker_count(cores, (d.prefetch_buffer_size + 1) * batch_bytes, ram_bytes)
+  if (cores, count) not in _logged_auto:
+    _logged_auto.add((cores, count))
+    logging.info('data.worker_count=-1 (auto): %d Grain workers for %d cores and %.0f GiB of RAM '
+                 '(all cores but max(2, min(8, cores/8)), at most %d, their batches within half '
+                 'the RAM); set data.worker_count to override.', count, cores, ram_bytes / 2**30,
+                 AUTO_MAX_WORKERS)
+  return count
 
 
 def make_dataset(config, *, process_index=None, process_count=None, epoch_seed=None,
@@ -218,7 +305,8 @@ def make_dataset(config, *, process_index=None, process_count=None, epoch_seed=N
     raise ValueError(f'data source {d.get("source")!r} holds no records.')
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
   ds = ds.repeat(d.num_epochs if d.num_epochs > 0 else None)
-  ds = ds.map_with_index(_Decode())
+  scaled = d.get('decode', 'scaled') == 'scaled'
+  ds = ds.map_with_index(_Decode(config, seed) if scaled else _Decode())
   ds = ds[process_index::process_count]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads,
                                             prefetch_buffer_size=d.read_buffer_size))
@@ -228,13 +316,14 @@ def make_dataset(config, *, process_index=None, process_count=None, epoch_seed=N
   mask_collate = batch_lib.mask_collate_samples(config, n_devices, sizes[1])
   ds = ViewsBatchIterDataset(ds, config, seed, sizes, drop_remainder, with_keys, len(source),
                              mask_collate)
-  if d.worker_count > 0:
+  workers = resolve_worker_count(config, process_count=process_count)
+  if workers > 0:
     # Grain reads absl flags when it starts workers; outside an absl app (tests, notebooks) they
     # are unparsed and reading them raises, so take the defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=d.worker_count, per_worker_buffer_size=d.prefetch_buffer_size))
+        num_workers=workers, per_worker_buffer_size=d.prefetch_buffer_size))
   return ds
 
 

@@ -10,12 +10,22 @@ Semantics follow torchvision's PIL path (what DINOv2 and OpenCLIP run): RandomRe
 10-attempt sampler with the centre-crop fallback, ColorJitter's random order of PIL enhancers,
 PIL's 'L' grayscale, GaussianBlur with a 9-tap kernel and reflect padding, solarise at 128. Every
 output is uint8; images smaller than a crop are simply upscaled by the resize.
+
+Crop geometry is drawn in the coordinates of the image as stored (`source_hw`), so it does not
+depend on how the image was decoded: with data.decode='scaled' the JPEG decoder shrinks an image
+by 2, 4 or 8 (DCT scaling) and each crop box is mapped onto the smaller pixels. `decode_reduction`
+draws every view's parameters from the header's size alone (the same random streams the views
+then use) and picks the largest reduction that leaves every drawn crop at least its output side,
+so no view upscales what it would have downscaled from the full image.
 """
 
 import math
 
 import numpy as np
+import scipy.ndimage
 from PIL import Image, ImageEnhance
+
+JPEG_REDUCTIONS = (8, 4, 2)  # the DCT scales libjpeg decodes at, largest first
 
 BLUR_KERNEL = 9  # torchvision GaussianBlur(kernel_size=9) as DINOv2 uses it [R DINOv2]
 SOLARIZE_THRESHOLD = 128  # RandomSolarize(threshold=128) [R DINOv2]
@@ -45,12 +55,32 @@ def crop_params(height: int, width: int, scale, ratio, rng: np.random.Generator)
   return (height - h) // 2, (width - w) // 2, max(h, 1), max(w, 1)
 
 
-def random_resized_crop(image: Image.Image, size: int, scale, ratio,
-                        rng: np.random.Generator) -> Image.Image:
-  """Crop a random box and resize it to (size, size) with Pillow's (antialiased) bicubic filter."""
-  top, left, h, w = crop_params(image.height, image.width, scale, ratio, rng)
-  # Crop first: resize(box=...) would let the bicubic filter read pixels outside the box.
-  return image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+def resized_crop(image: Image.Image, box, size: int, source_hw=None) -> Image.Image:
+  """The crop `box` (top, left, h, w) in source coordinates, resized to (size, size) with
+  Pillow's (antialiased) bicubic filter.
+
+  At full size: crop first, since resize(box=...) would let the bicubic filter read pixels outside
+  the box (torchvision's order). On a reduced decode the box, scaled, has fractional edges: crop
+  the pixels it touches and let resize(box=...) take the fraction (at most one pixel of margin).
+  """
+  top, left, h, w = box
+  src_h, src_w = source_hw or (image.height, image.width)
+  if (src_h, src_w) == (image.height, image.width):
+    return image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+  fy, fx = image.height / src_h, image.width / src_w
+  x0, y0, x1, y1 = left * fx, top * fy, (left + w) * fx, (top + h) * fy
+  ix0, iy0 = int(math.floor(x0)), int(math.floor(y0))
+  ix1, iy1 = min(image.width, int(math.ceil(x1))), min(image.height, int(math.ceil(y1)))
+  return image.crop((ix0, iy0, ix1, iy1)).resize(
+      (size, size), Image.BICUBIC, box=(x0 - ix0, y0 - iy0, min(x1, ix1) - ix0, min(y1, iy1) - iy0))
+
+
+def random_resized_crop(image: Image.Image, size: int, scale, ratio, rng: np.random.Generator,
+                        source_hw=None) -> Image.Image:
+  """Crop a random box (drawn in source coordinates) and resize it to (size, size)."""
+  src_h, src_w = source_hw or (image.height, image.width)
+  box = crop_params(src_h, src_w, scale, ratio, rng)
+  return resized_crop(image, box, size, (src_h, src_w))
 
 
 def flip(array: np.ndarray) -> np.ndarray:
@@ -74,16 +104,16 @@ def gaussian_kernel(sigma: float, size: int = BLUR_KERNEL) -> np.ndarray:
 
 
 def gaussian_blur(array: np.ndarray, sigma: float, size: int = BLUR_KERNEL) -> np.ndarray:
-  """Separable Gaussian blur with reflect padding (torchvision's gaussian_blur), uint8 in/out."""
+  """Separable Gaussian blur with reflect padding (torchvision's gaussian_blur), uint8 in/out.
+
+  scipy's correlate1d runs each pass in C (a fifth of the time of shifted NumPy sums); its
+  'mirror' is NumPy's/torch's 'reflect' (d c b | a b c d). Reflect padding needs the side to
+  exceed the radius; tiny crops fall back to 'symmetric' (scipy's 'reflect').
+  """
   k = gaussian_kernel(sigma, size)
-  r = size // 2
-  x = array.astype(np.float32)
-  # Reflect padding needs the side to exceed the radius; tiny crops fall back to 'symmetric'.
-  mode = 'reflect' if min(x.shape[:2]) > r else 'symmetric'
-  x = np.pad(x, ((r, r), (0, 0), (0, 0)), mode=mode)
-  x = sum(k[i] * x[i:i + array.shape[0]] for i in range(size))
-  x = np.pad(x, ((0, 0), (r, r), (0, 0)), mode=mode)
-  x = sum(k[i] * x[:, i:i + array.shape[1]] for i in range(size))
+  mode = 'mirror' if min(array.shape[:2]) > size // 2 else 'reflect'
+  x = scipy.ndimage.correlate1d(array.astype(np.float32), k, axis=0, mode=mode)
+  x = scipy.ndimage.correlate1d(x, k, axis=1, mode=mode)
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
@@ -103,10 +133,19 @@ def color_jitter(image: Image.Image, strengths, rng: np.random.Generator) -> Ima
   [-h, h]), then applied in a random order, as torchvision does; a strength of 0 skips its op
   (torchvision stores None for it), which matters because the HSV round trip is lossy.
   """
+  return apply_jitter(image, strengths, *draw_jitter(strengths, rng))
+
+
+def draw_jitter(strengths, rng: np.random.Generator):
+  """ColorJitter's random draws: (factors, order of the four ops)."""
   b, c, s, h = strengths
   factors = (rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
              rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h))
-  for op in rng.permutation(4):
+  return factors, rng.permutation(4)
+
+
+def apply_jitter(image: Image.Image, strengths, factors, order) -> Image.Image:
+  for op in order:
     if not strengths[op]:
       continue
     if op == 0:
@@ -120,50 +159,111 @@ def color_jitter(image: Image.Image, strengths, rng: np.random.Generator) -> Ima
   return image
 
 
-def ssl_crop(image: Image.Image, size: int, scale, blur_p: float, solarize_p: float, d,
-             rng: np.random.Generator) -> np.ndarray:
+def draw_ssl_crop(source_hw, size: int, scale, blur_p: float, solarize_p: float, d,
+                  rng: np.random.Generator) -> dict:
+  """Every random draw of one DINOv2 crop, in the order ssl_crop has always drawn them."""
+  p = {'size': size, 'box': crop_params(*source_hw, scale, d.crop_ratio, rng)}
+  p['flip'] = rng.random() < d.flip_probability
+  p['jitter'] = (draw_jitter(d.color_jitter, rng)
+                 if rng.random() < d.color_jitter_probability else None)
+  p['grey'] = rng.random() < d.grayscale_probability
+  p['blur'] = rng.uniform(*d.blur_sigma) if rng.random() < blur_p else None
+  p['solarize'] = rng.random() < solarize_p
+  return p
+
+
+def apply_ssl_crop(image: Image.Image, p: dict, d, source_hw=None) -> np.ndarray:
   """One DINOv2 crop: geometry (RRC + flip), colour (jitter p, grayscale p), blur, solarise."""
-  crop = random_resized_crop(image, size, scale, d.crop_ratio, rng)
-  if rng.random() < d.flip_probability:
+  crop = resized_crop(image, p['box'], p['size'], source_hw)
+  if p['flip']:
     crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-  if rng.random() < d.color_jitter_probability:
-    crop = color_jitter(crop, d.color_jitter, rng)
+  if p['jitter'] is not None:
+    crop = apply_jitter(crop, d.color_jitter, *p['jitter'])
   out = np.asarray(crop)
-  if rng.random() < d.grayscale_probability:
+  if p['grey']:
     out = grayscale(out)
-  if rng.random() < blur_p:
-    out = gaussian_blur(out, rng.uniform(*d.blur_sigma))
-  if rng.random() < solarize_p:
+  if p['blur'] is not None:
+    out = gaussian_blur(out, p['blur'])
+  if p['solarize']:
     out = solarize(out)
   return np.ascontiguousarray(out, dtype=np.uint8)
 
 
-def clip_view(image: Image.Image, config, rng: np.random.Generator) -> np.ndarray:
-  d = config.data
-  return np.asarray(random_resized_crop(image, d.image_size, d.clip_crop_scale, d.crop_ratio, rng))
+def ssl_crop(image: Image.Image, size: int, scale, blur_p: float, solarize_p: float, d,
+             rng: np.random.Generator, source_hw=None) -> np.ndarray:
+  source_hw = source_hw or (image.height, image.width)
+  return apply_ssl_crop(image, draw_ssl_crop(source_hw, size, scale, blur_p, solarize_p, d, rng),
+                        d, source_hw)
 
 
-def rec_view(image: Image.Image, config, rng: np.random.Generator) -> np.ndarray:
+def draw_ssl_views(source_hw, d, rng: np.random.Generator) -> list:
+  """The parameters of the 2 global and n_local_crops local crops, in drawing order."""
+  blur_g1, blur_g2, blur_local = d.blur_probability
+  g, lc = d.global_crop_size, d.local_crop_size
+  return ([draw_ssl_crop(source_hw, g, d.global_crop_scale, blur_g1, 0.0, d, rng),
+           draw_ssl_crop(source_hw, g, d.global_crop_scale, blur_g2, d.solarize_probability, d,
+                         rng)] +
+          [draw_ssl_crop(source_hw, lc, d.local_crop_scale, blur_local, 0.0, d, rng)
+           for _ in range(d.n_local_crops)])
+
+
+def clip_view(image: Image.Image, config, rng: np.random.Generator,
+              source_hw=None) -> np.ndarray:
   d = config.data
-  out = np.asarray(random_resized_crop(image, d.image_size, d.rec_crop_scale, d.crop_ratio, rng))
+  return np.asarray(random_resized_crop(image, d.image_size, d.clip_crop_scale, d.crop_ratio, rng,
+                                        source_hw))
+
+
+def rec_view(image: Image.Image, config, rng: np.random.Generator,
+             source_hw=None) -> np.ndarray:
+  d = config.data
+  out = np.asarray(random_resized_crop(image, d.image_size, d.rec_crop_scale, d.crop_ratio, rng,
+                                       source_hw))
   if rng.random() < d.rec_flip_probability:
     out = flip(out)
   return np.ascontiguousarray(out)
 
 
-def ssl_views(image: Image.Image, config,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def ssl_views(image: Image.Image, config, rng: np.random.Generator,
+              source_hw=None) -> tuple[np.ndarray, np.ndarray]:
   """(global (2, G, G, 3), local (n_local, Lc, Lc, 3)) uint8 crops of one image."""
   d = config.data
-  blur_g1, blur_g2, blur_local = d.blur_probability
-  g = d.global_crop_size
-  globals_ = [ssl_crop(image, g, d.global_crop_scale, blur_g1, 0.0, d, rng),
-              ssl_crop(image, g, d.global_crop_scale, blur_g2, d.solarize_probability, d, rng)]
+  source_hw = source_hw or (image.height, image.width)
+  crops = [apply_ssl_crop(image, p, d, source_hw) for p in draw_ssl_views(source_hw, d, rng)]
   lc = d.local_crop_size
-  locals_ = [ssl_crop(image, lc, d.local_crop_scale, blur_local, 0.0, d, rng)
-             for _ in range(d.n_local_crops)]
-  local = np.stack(locals_) if locals_ else np.zeros((0, lc, lc, 3), np.uint8)
-  return np.stack(globals_), local
+  local = np.stack(crops[2:]) if crops[2:] else np.zeros((0, lc, lc, 3), np.uint8)
+  return np.stack(crops[:2]), local
+
+
+def view_boxes(source_hw, config, branches, rngs: dict) -> list:
+  """(box, output side) of every crop the active branches draw for one image: the same draws as
+  clip_view, rec_view and ssl_views make from the same fresh generators (rngs: branch -> rng)."""
+  d = config.data
+  out = []
+  if 'clip' in branches:
+    out.append((crop_params(*source_hw, d.clip_crop_scale, d.crop_ratio, rngs['clip']),
+                d.image_size))
+  if 'rec' in branches:
+    out.append((crop_params(*source_hw, d.rec_crop_scale, d.crop_ratio, rngs['rec']),
+                d.image_size))
+  if 'ssl' in branches:
+    out.extend((p['box'], p['size']) for p in draw_ssl_views(source_hw, d, rngs['ssl']))
+  return out
+
+
+def decode_reduction(source_hw, boxes) -> int:
+  """The largest JPEG scale-down (8, 4, 2, else 1) that keeps every crop at its output side.
+
+  A reduction by r decodes ceil(H / r) x ceil(W / r) pixels; a box then keeps its shorter side
+  times that fraction. Allowed when every box keeps at least its output side, or (a box already
+  smaller than its output at full size) none is made smaller at all.
+  """
+  src_h, src_w = source_hw
+  for r in JPEG_REDUCTIONS:
+    fy, fx = -(-src_h // r) / src_h, -(-src_w // r) / src_w
+    if all(min(h * fy, w * fx) >= min(size, h, w) for (_, _, h, w), size in boxes):
+      return r
+  return 1
 
 
 def as_pil(array: np.ndarray) -> Image.Image:

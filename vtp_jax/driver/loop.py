@@ -173,6 +173,18 @@ def _evaluate_and_record(evaluate, config, writer, workdir, step_dir, step: int)
     print(f'\n{title:=^100}\n{text}\n{"":=^100}', flush=True)
 
 
+def _workers(config, process_count: int) -> str:
+  """The input pipeline's worker processes, as the line about an input-bound run names them."""
+  from vtp_jax.data import pipeline  # local: only when a run is found input-bound
+  workers = config.data.get('worker_count', 0)
+  if workers == -1:
+    try:
+      return f'-1: {pipeline.resolve_worker_count(config, process_count=process_count)} workers'
+    except (KeyError, ValueError, AttributeError):  # a task whose batch is not the tokenizer's
+      return '-1: auto'
+  return f'now {workers}'
+
+
 def train_and_evaluate(config, workdir, evaluate=None) -> dict:
   """Trains to `train.steps` (or until SIGTERM), checkpointing into `workdir`; returns a summary.
 
@@ -325,7 +337,7 @@ def train_and_evaluate(config, workdir, evaluate=None) -> dict:
         if t.nan_policy == 'skip':
           values['skipped_updates'] = float(skipped_updates)
         values.update(clock.interval())
-        clock.check_input_bound(values, config.data.get('worker_count'))
+        clock.check_input_bound(values, lambda: _workers(config, pc))
         writer.scalars(step, values)
         metrics_lib.log_line(metrics_lib.progress_line(step, total, values))
         window_start, window_step = time.perf_counter(), step

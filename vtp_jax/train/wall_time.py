@@ -64,14 +64,15 @@ class WallTime:
     return out
 
   def check_input_bound(self, values: dict, worker_count) -> None:
-    """Logs once, at the first interval whose batch wait passes INPUT_BOUND_SHARE of its time."""
+    """Logs once, at the first interval whose batch wait passes INPUT_BOUND_SHARE of its time;
+    `worker_count()` gives the input pipeline's worker processes for the line."""
     share = values.get('time/data_share', 0.0)
     if not self._warned and share > INPUT_BOUND_SHARE:
       self._warned = True
       logging.warning('Input-bound: the training thread waited for its batches %.0f%% of the last '
-                      'interval (more than %.0f%%); raise data.worker_count (now %s) or shrink the '
+                      'interval (more than %.0f%%); raise data.worker_count (%s) or shrink the '
                       'sources (python -m vtp_jax.tools.resize_shards).', 100 * share,
-                      100 * INPUT_BOUND_SHARE, worker_count)
+                      100 * INPUT_BOUND_SHARE, worker_count())
 
   def totals(self) -> dict:
     """The whole run: seconds per part ('other' includes the time since the last interval), the
