@@ -26,6 +26,9 @@ from vtp_jax import checkpoints
 from vtp_jax import paths
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# One worker runs this module: its reference run and re-runs are module fixtures, computed once
+# (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('bucket')
 STEPS = ['--config.train.steps=8', '--config.train.checkpoint_every=2',
          '--config.train.image_log_every=4']
 

@@ -32,6 +32,9 @@ from vtp_jax import checkpoints
 from vtp_jax import paths
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# One worker runs this module: its reference run and re-runs are module fixtures, computed once
+# (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('checkpoint_damage')
 
 # Runs the driver on each job of a JSON list, in order, in one process: {'name', 'workdir'} trains
 # to step 8 (optionally 'init_from'; 'fail_save_at': that step's digest file write raises ENOSPC),
