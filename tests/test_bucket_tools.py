@@ -133,8 +133,8 @@ def test_sources_read_the_same_records_from_a_bucket_as_from_local_copies(gcs, t
   with pytest.raises(FileExistsError, match='already holds'):
     tar_to_arrayrecord.convert(f'{local}/*.tar', f'{bucket}/data/ar')
   with pytest.raises(ValueError, match=r'\*\*'):
-    sources.glob_files(f'{bucket}/**/*.tar')
-  assert sources.glob_files(f'{tmp_path}/**/s*.tar') == [f'{local}/s0.tar', f'{local}/s1.tar']
+    paths.glob_files(f'{bucket}/**/*.tar')
+  assert paths.glob_files(f'{tmp_path}/**/s*.tar') == [f'{local}/s0.tar', f'{local}/s1.tar']
   # The training's start-up check of data.source looks in the bucket too.
   from vtp_jax.tasks import tokenizer as tokenizer_task
   config.data.source = f'tar:{bucket}/data/shards/s*.tar'

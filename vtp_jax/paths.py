@@ -12,6 +12,7 @@ does not do as a disk does is named here once (docs/checkpoints.md, 'Workdirs in
   written to a temporary name and renamed, and an object is written in place (`write_whole`).
 """
 
+import glob
 import os
 import uuid
 
@@ -68,10 +69,10 @@ def files_under(root: PathLike) -> list[epath.Path]:
   """Every file below `root`, recursively (a bucket lists objects; folders are prefixes)."""
   root = path(root)
   # A bucket's walk yields folders without the `gs://` prefix: rebuild each from `root`.
-  listed_root = os.fspath(root).split('://', 1)[-1]
+  listed_root = split_scheme(os.fspath(root))[1]
   out = []
   for folder, _, names in root.walk():
-    relative = os.path.relpath(os.fspath(folder).split('://', 1)[-1], listed_root)
+    relative = os.path.relpath(split_scheme(os.fspath(folder))[1], listed_root)
     out += [(root if relative == '.' else root / relative) / n for n in names]
   return sorted(out)
 
@@ -95,3 +96,39 @@ def child_names(p: PathLike) -> list[str]:
   """Names directly under the folder `p` ([] when it does not exist)."""
   p = path(p)
   return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
+
+
+GLOB_CHARS = frozenset('*?[')
+
+
+def split_scheme(path: str) -> tuple[str, str]:
+  """'gs://b/x' -> ('gs://', 'b/x'); a local path -> ('', path)."""
+  scheme, sep, rest = path.partition('://')
+  return (scheme + sep, rest) if sep else ('', path)
+
+
+def glob_files(pattern: str) -> list[str]:
+  """Files matching one glob, sorted: local ('~' expanded; `**` recursive, hidden names only
+  where the pattern names them, as glob.glob) or in a bucket (`*`, `?`, `[...]` in any folder;
+  `**` refused: every folder level below would be a listing). A pattern without glob characters
+  is that one file if it exists."""
+  if not is_bucket(pattern):
+    # A disk: glob.glob itself, since etils.epath (under vtp_jax.paths) refuses `**` even on a
+    # disk, and a recursive glob over local shards is the cheap, established way to name them.
+    pattern = os.path.expanduser(pattern)
+    return sorted(os.fspath(path(p)) for p in glob.glob(pattern, recursive=True)
+                  if os.path.isfile(p))
+  scheme, rest = split_scheme(pattern)
+  parts = rest.split('/')
+  first = next((i for i, part in enumerate(parts) if GLOB_CHARS & set(part)), None)
+  if first is None:
+    return [pattern] if path(pattern).is_file() else []
+  if first == 0:
+    raise ValueError(f'{pattern!r}: the bucket name cannot be a glob.')
+  if '**' in rest:
+    raise ValueError(f'{pattern!r}: `**` is not taken in a bucket (every folder below would be '
+                     'listed); write a `*` per folder level, e.g. gs://BUCKET/data/*/*.tar.')
+  root = path(scheme + '/'.join(parts[:first]))
+  # A bucket has no folders to mistake for files (a folder is a prefix of object names, and a
+  # glob of names with the file's extension matches objects): no request per match to check it.
+  return sorted(os.fspath(p) for p in root.glob('/'.join(parts[first:])))

@@ -125,6 +125,17 @@ def test_sigkill_and_sigterm_then_rerun_is_bit_identical_to_an_uninterrupted_run
   assert list((work / 'tensorboard').glob('events.out.tfevents.*'))
 
 
+def _run_script(driver_env, script: str, **paths):
+  """Runs a driver script (its `{repo}` and `{config_dir}` filled, and `paths`) in a subprocess;
+  returns the finished process and the JSON it printed after 'RESULT '."""
+  config_file, env = driver_env
+  code = script.format(repo=str(REPO), config_dir=str(config_file.parent), **paths)
+  run = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       cwd=REPO)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return run, json.loads(run.stdout.split('RESULT ', 1)[1])
+
+
 NAN_SCRIPT = '''
 import json, sys
 sys.path[:0] = [{repo!r}, {config_dir!r}]
@@ -160,13 +171,8 @@ print('RESULT ' + json.dumps(out))
 @pytest.mark.heavy
 def test_nan_policies_stop_keeps_the_last_good_checkpoint_and_skip_drops_the_update(
     driver_env, tmp_path):
-  config_file, env = driver_env
-  script = NAN_SCRIPT.format(repo=str(REPO), config_dir=str(config_file.parent),
-                             stop=str(tmp_path / 'stop'), skip=str(tmp_path / 'skip'))
-  run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
-                       cwd=REPO)
-  assert run.returncode == 0, run.stderr[-3000:]
-  out = json.loads(run.stdout.split('RESULT ', 1)[1])
+  _, out = _run_script(driver_env, NAN_SCRIPT, stop=str(tmp_path / 'stop'),
+                       skip=str(tmp_path / 'skip'))
 
   assert re.search(r'Non-finite values at step 5 .*last good checkpoint is step 4', out['stop'])
   assert _latest(tmp_path / 'stop') == 4  # nothing saved after the NaN
@@ -221,13 +227,7 @@ print('RESULT ' + json.dumps(out))
 def test_the_host_waits_for_step_n_minus_k_after_dispatching_step_n(driver_env, tmp_path):
   """With log_every and checkpoint_every beyond the run, only train.max_steps_ahead stops the host
   from queueing every step (which delays a SIGTERM save by up to log_every steps)."""
-  config_file, env = driver_env
-  script = AHEAD_SCRIPT.format(repo=str(REPO), config_dir=str(config_file.parent),
-                               work=str(tmp_path / 'run'))
-  run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
-                       cwd=REPO)
-  assert run.returncode == 0, run.stderr[-3000:]
-  out = json.loads(run.stdout.split('RESULT ', 1)[1])
+  _, out = _run_script(driver_env, AHEAD_SCRIPT, work=str(tmp_path / 'run'))
   expected = [['dispatched', 1], ['dispatched', 2]]
   for n in range(3, 9):  # after dispatching step n the host waits for step n - 2
     expected += [['dispatched', n], ['finished', n - 2]]
@@ -310,13 +310,7 @@ print('RESULT ' + json.dumps(out))
 @pytest.mark.heavy
 def test_the_wall_time_breakdown_sums_to_the_run_and_names_an_input_bound_one(driver_env,
                                                                             tmp_path):
-  config_file, env = driver_env
-  script = WALL_SCRIPT.format(repo=str(REPO), config_dir=str(config_file.parent),
-                              work=str(tmp_path / 'work_'))
-  run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
-                       cwd=REPO)
-  assert run.returncode == 0, run.stderr[-3000:]
-  out = json.loads(run.stdout.split('RESULT ', 1)[1])
+  run, out = _run_script(driver_env, WALL_SCRIPT, work=str(tmp_path / 'work_'))
   logs = dict(re.findall(r'^JOB (\S+)\n(.*?)(?=^JOB |\Z)', run.stderr, re.S | re.M))
   for name in ('normal', 'slowed'):
     totals = out[name]['wall_time']

@@ -46,7 +46,7 @@ def load_config(path, defaults=None) -> ml_collections.ConfigDict:
   `defaults()` builds them (the generator's are configs/dit_base.get_config), else base.py's."""
   from configs import base  # local: configs is a sibling package; keep import cost off the hot path
   file = paths.path(path) / CONFIG_FILE
-  if not file.exists():  # a training workdir or step folder (train/checkpoints.py)
+  if not file.exists():  # a training workdir or step folder (manager.py writes them)
     path = resolve(path)
     file = path / CONFIG_FILE
     if not file.exists():

@@ -25,8 +25,8 @@ class WorkdirError(ValueError):
 
 
 def _bucket(workdir: paths.Path) -> paths.Path:
-  scheme, rest = os.fspath(workdir).split('://', 1)
-  return paths.path(f'{scheme}://{rest.split("/", 1)[0]}')
+  scheme, rest = paths.split_scheme(os.fspath(workdir))
+  return paths.path(scheme + rest.split('/', 1)[0])
 
 
 def _cause(error: BaseException) -> str:

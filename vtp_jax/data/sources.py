@@ -20,7 +20,6 @@ turns them into pixels or a counted skip. TFDS image features are read undecoded
 (`SkipDecoding`); a non-Image feature arrives as a uint8 array, which decode_record also accepts.
 """
 
-import glob as glob_lib
 import json
 import os
 import posixpath
@@ -66,52 +65,16 @@ def parse_record(data: bytes) -> dict:
           'label': int(header['label'])}
 
 
-_GLOB_CHARS = frozenset('*?[')
-
-
-def _split_scheme(path: str) -> tuple[str, str]:
-  """'gs://b/x' -> ('gs://', 'b/x'); a local path -> ('', path)."""
-  scheme, sep, rest = path.partition('://')
-  return (scheme + sep, rest) if sep else ('', path)
-
-
-def glob_files(pattern: str) -> list[str]:
-  """Files matching one glob, sorted: local ('~' expanded; `**` recursive, hidden names only
-  where the pattern names them, as glob.glob) or in a bucket (`*`, `?`, `[...]` in any folder;
-  `**` refused: every folder level below would be a listing). A pattern without glob characters
-  is that one file if it exists."""
-  if not paths_lib.is_bucket(pattern):
-    # A disk: glob.glob itself, since etils.epath (under vtp_jax.paths) refuses `**` even on a
-    # disk, and a recursive glob over local shards is the cheap, established way to name them.
-    pattern = os.path.expanduser(pattern)
-    return sorted(os.fspath(paths_lib.path(p)) for p in glob_lib.glob(pattern, recursive=True)
-                  if os.path.isfile(p))
-  scheme, rest = _split_scheme(pattern)
-  parts = rest.split('/')
-  first = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), None)
-  if first is None:
-    return [pattern] if paths_lib.path(pattern).is_file() else []
-  if first == 0:
-    raise ValueError(f'{pattern!r}: the bucket name cannot be a glob.')
-  if '**' in rest:
-    raise ValueError(f'{pattern!r}: `**` is not taken in a bucket (every folder below would be '
-                     'listed); write a `*` per folder level, e.g. gs://BUCKET/data/*/*.tar.')
-  root = paths_lib.path(scheme + '/'.join(parts[:first]))
-  # A bucket has no folders to mistake for files (a folder is a prefix of object names, and a
-  # glob of names with the file's extension matches objects): no request per match to check it.
-  return sorted(os.fspath(p) for p in root.glob('/'.join(parts[first:])))
-
-
 def expand_paths(pattern: str, *, folder_ext: str | None = None, what: str = 'files') -> list:
-  """Sorted files matching comma-separated globs (local or in a bucket, see glob_files); a folder
+  """Sorted files matching comma-separated globs (local or in a bucket, see paths.glob_files); a folder
   means folder/*.ext."""
   found = []
   for part in [p.strip() for p in pattern.split(',') if p.strip()]:
     if not paths_lib.is_bucket(part):
       part = os.path.expanduser(part)
-    if folder_ext and not _GLOB_CHARS & set(part) and paths_lib.path(part).is_dir():
+    if folder_ext and not paths_lib.GLOB_CHARS & set(part) and paths_lib.path(part).is_dir():
       part = os.fspath(paths_lib.path(part) / f'*.{folder_ext}')
-    found.extend(glob_files(part))
+    found.extend(paths_lib.glob_files(part))
   if not found:
     raise FileNotFoundError(f'No {what} match {pattern!r}. Check the path or glob in '
                             '--config.data.source.')
@@ -121,7 +84,7 @@ def expand_paths(pattern: str, *, folder_ext: str | None = None, what: str = 'fi
 def _short_names(files: list) -> list:
   """Paths relative to their common folder: unique, short record-key prefixes (the same for a
   folder of shards wherever it lies, a disk or a bucket)."""
-  split = [_split_scheme(os.fspath(paths_lib.path(f))) for f in files]
+  split = [paths_lib.split_scheme(os.fspath(paths_lib.path(f))) for f in files]
   if len({scheme for scheme, _ in split}) > 1:  # a disk and a bucket at once: keep them whole
     return [os.fspath(paths_lib.path(f)) for f in files]
   root = posixpath.commonpath([posixpath.dirname(rest) for _, rest in split])
@@ -281,8 +244,8 @@ class FolderSource:
     self._root = os.fspath(root_path)
     images, texts = [], set()
     for path in paths_lib.files_under(root_path):  # one listing; in a bucket, of every object
-      rel = posixpath.relpath(_split_scheme(os.fspath(path))[1],
-                              _split_scheme(self._root)[1])
+      rel = posixpath.relpath(paths_lib.split_scheme(os.fspath(path))[1],
+                              paths_lib.split_scheme(self._root)[1])
       stem, _, ext = rel.rpartition('.')
       if ext.lower() in IMAGE_EXTS:
         images.append(rel)

@@ -11,7 +11,7 @@ with probability 1/2 (latents.flip), drawn from Generator(data.seed, global inde
 iterator state replays the same batches.
 
 latents.source and latents.stats may be local or in a bucket (`gs://BUCKET/...`): ArrayRecord
-reads gs:// itself; a bucket glob takes `*` per folder, not `**` (data/sources.py, glob_files).
+reads gs:// itself; a bucket glob takes `*` per folder, not `**` (vtp_jax/paths.py, glob_files).
 """
 
 import os
@@ -21,7 +21,6 @@ import jax
 import numpy as np
 
 from vtp_jax import paths
-from vtp_jax.data import sources
 from vtp_jax.generation import batch as gen_batch
 from vtp_jax.tools import export_latents
 
@@ -35,7 +34,7 @@ def latent_files(config) -> list:
     raise ValueError(f'latents.source={source!r}; set it to arrayrecord:GLOB of the files '
                      '`python -m vtp_jax.tools.export_latents --out=DIR` writes '
                      '(e.g. arrayrecord:DIR/latents-*.array_record).')
-  files = sources.glob_files(pattern)
+  files = paths.glob_files(pattern)
   if not files:
     raise ValueError(f'latents.source={source!r}: no file matches {pattern!r}; check the glob.')
   return files

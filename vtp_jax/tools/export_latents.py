@@ -86,8 +86,7 @@ def read_record(data: bytes) -> dict:
 
 def shard_files(out_dir) -> list[str]:
   """The latent shards in out_dir (local or in a bucket), sorted."""
-  from vtp_jax.data import sources
-  return sources.glob_files(os.fspath(paths.path(out_dir) / 'latents-*-of-*.array_record'))
+  return paths.glob_files(os.fspath(paths.path(out_dir) / 'latents-*-of-*.array_record'))
 
 
 def read_latents(out_dir):
