@@ -107,16 +107,22 @@ def imported_fixture(reference_fixture, tmp_path_factory):
   return dst
 
 
-def micro_config(**precision):
-  """vtp_tiny shrunk further for unit tests: compile time, not arithmetic, dominates on CPU."""
-  from configs import vtp_tiny
-  config = vtp_tiny.get_config()
+def shrink_model(config):
+  """The micro model's towers and heads on any config (its data and losses unchanged): compile
+  time, which grows with the unrolled depth, not arithmetic, dominates a CPU test."""
   config.model.encoder.update(width=32, depth=2, heads=2)
   config.model.decoder.update(width=32, depth=1, heads=2)
   config.model.text.update(width=32, depth=1, heads=2, context_length=8)
   config.model.clip_dim = 16
   config.model.bottleneck_dim = 8
   config.model.dino_head.update(hidden=32, bottleneck=16, prototypes=64)
+  return config
+
+
+def micro_config(**precision):
+  """vtp_tiny shrunk further for unit tests: compile time, not arithmetic, dominates on CPU."""
+  from configs import vtp_tiny
+  config = shrink_model(vtp_tiny.get_config())
   config.data.image_size = 32
   config.evals.at_end = False  # vtp_tiny's README-demo evals read vtp_shapes
   config.data.worker_count = 0  # no worker processes, whatever the machine's cores (auto is -1)

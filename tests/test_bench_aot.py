@@ -147,6 +147,7 @@ def _shapes_and_specs(config, target):
 ])
 def test_tiny_step_compiles_for_tpu_with_sharded_state_and_collectives(topology, mesh):
   config = _config(**mesh)
+  config.precision.scan_layers = True  # as VTP-L and VTP-H ship; compiled in half the time
   target = targets.parse(topology)
   (params_full, params_dev), (state_full, state_dev) = _shapes_and_specs(config, target)
   report = aot.compile_report(config, target)
@@ -239,12 +240,14 @@ def test_generator_step_compiles_for_tpu():
 @pytest.mark.heavy
 @needs_libtpu
 def test_fsdp_gathers_weights_instead_of_windowed_einsum_loops():
-  """vtp_tiny under pure FSDP over 8 v5p chips at a batch of 512: with XLA's windowed einsums on,
-  this compile holds 28 collective-matmul loops and 1,023 collective-permutes (each weight shard
-  passed round the ring while its activation is re-read); the step's compiler options
-  (vtp_jax/compiler_options.py) gather each weight instead, so no such loop and few permutes."""
+  """vtp_tiny (scanned blocks) under pure FSDP over 8 v5p chips at a batch of 512: with XLA's
+  windowed einsums on, this compile holds 27 collective-matmul loops and 1,428 collective-permutes
+  (each weight shard passed round the ring while its activation is re-read); the step's compiler
+  options (vtp_jax/compiler_options.py) gather each weight instead, so no such loop and no
+  permute."""
   config = _config(data=1, fsdp=-1, tensor=1)
   config.data.batch_size = 512
+  config.precision.scan_layers = True  # the same finding, compiled in a third of the time
   report = aot.compile_report(config, targets.parse('v5p-16'), breakdown=True)
   assert report['compiler_options'] == {
       'xla_tpu_enable_windowed_einsum_for_all_gather': False,

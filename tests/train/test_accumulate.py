@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import ae_baseline, vtp_tiny
+from conftest import shrink_model
 from vtp_jax import batch as batch_lib
 from vtp_jax import sharding
 from vtp_jax.train import flops as flops_lib
@@ -21,13 +22,14 @@ def _mesh(data=1, fsdp=2, tensor=4):
                             devices=jax.devices()[:data * fsdp * tensor])
 
 
-def tiny_config(accum_steps=1, base=vtp_tiny.get_config, **loss):
-  """vtp_tiny (float32) with a reconstruction sub-batch of 8, so each sub-batch gives every one
-  of 2 batch shards a row in each of 4 micro-batches. Adam's epsilon is 1: the update is then
+def tiny_config(accum_steps=1, base=vtp_tiny.get_config, shrunk=True, **loss):
+  """vtp_tiny (float32; its model shrunk to the micro size unless `shrunk` is False) with a
+  reconstruction sub-batch of 8, so each sub-batch gives every one of 2 batch shards a row in each
+  of 4 micro-batches. Adam's epsilon is 1: the update is then
   close to linear in the gradient, so the parameters measure the gradient's agreement rather than
   Adam's normalisation of float32 noise (a gradient that is 0 in exact arithmetic, like the key
   bias's, is scaled up to a full step of random sign)."""
-  c = base()
+  c = shrink_model(base()) if shrunk else base()
   c.evals.at_end = False
   c.data.rec_batch_fraction = min(1.0, c.data.rec_batch_fraction * 2)
   c.optim.eps = 1.0
@@ -124,7 +126,7 @@ def test_config_check_names_the_sub_batch_that_does_not_split():
 
 
 def test_micro_batch_buffers_and_cache_flops():
-  whole, accum = tiny_config(1), tiny_config(4)
+  whole, accum = tiny_config(1, shrunk=False), tiny_config(4, shrunk=False)
   # Masks collate per device and micro-batch: of 2 devices' 8 SSL samples a device collates 4,
   # and each of its 4 micro-batches 1.
   assert batch_lib.mask_collate_samples(whole, 2, 8) == 4

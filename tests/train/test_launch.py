@@ -20,6 +20,8 @@ from vtp_jax import paths
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH = REPO / 'launch'
+# Both runs of the two-process test: 8 steps, saved at 4 and 8.
+STEPS = ['--config.train.steps=8', '--config.train.checkpoint_every=4']
 
 
 
@@ -49,7 +51,7 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(launch_env,
   work = paths.path(gcs.bucket('vtp-two-processes')) / 'work'
   two = subprocess.run(
       [str(LAUNCH / 'local_processes.sh'), '2', f'--config={config_file}', f'--workdir={work}',
-       '--config.train.stop_after_steps=4'],
+       *STEPS, '--config.train.stop_after_steps=4'],
       env=dict(env, PORT=str(_free_port())), capture_output=True, text=True, cwd=REPO,
       timeout=900)
   assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
@@ -64,7 +66,8 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(launch_env,
   saved = jax.tree.map(np.asarray, checkpoints.load_item(step_dir, 'params'))
 
   one = subprocess.run(
-      [sys.executable, str(LAUNCH / 'main.py'), f'--config={config_file}', f'--workdir={work}'],
+      [sys.executable, str(LAUNCH / 'main.py'), f'--config={config_file}', f'--workdir={work}',
+       *STEPS],
       env=dict(env, XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=1'),
       capture_output=True, text=True, cwd=REPO, timeout=900)
   assert one.returncode == 0, one.stderr[-4000:]
@@ -73,13 +76,13 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(launch_env,
     assert "host malloc: GLIBC_TUNABLES='glibc.malloc.arena_max=1:" in one.stderr, one.stderr[-4000:]
   assert re.search(r'Resumed from .*/checkpoints/4\.', one.stderr), one.stderr[-4000:]
   assert 'no data-iterator state for 1 process' in one.stderr  # re-positioned, not restarted
-  assert checkpoints.latest_step_dir(work).name == '40'
+  assert checkpoints.latest_step_dir(work).name == '8'
   final = jax.tree.map(np.asarray, checkpoints.load_item(work, 'params'))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(final))
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(saved),
                                                        jax.tree.leaves(final)))
   rows = [json.loads(r) for r in (work / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in rows] == list(range(1, 41))  # process 0 of the pair, then the single
+  assert [r['step'] for r in rows] == list(range(1, 9))  # process 0 of the pair, then the single
 
 
 def test_main_exits_2_with_one_line_for_a_bad_config(launch_env, tmp_path):

@@ -94,20 +94,21 @@ def smooth_images(batch, seed=0):
 
 
 @pytest.mark.heavy
-def test_hundred_steps_drive_every_enabled_loss_down():
+def test_sixty_steps_drive_every_enabled_loss_down():
   config = step_config(koleo_weight=0.0)
   # 1 reconstructed image: LPIPS on the micro config's 32 px images is most of this test's time
   # (VGG16's 2 x 2 maps are a slow case for XLA:CPU convolutions; docs/benchmarks.md,
   # 'LPIPS at 32 px').
   config.data.rec_batch_fraction = 0.125
-  # Constant lr 3e-3 after a 10-step warm-up. Measured here: L1 0.403 -> 0.015, CLIP 3.96 -> 0.00 and
-  # LPIPS 0.867 -> 0.002 over 100 steps (with 4 reconstructed images and the default cosine decay
-  # to step 100, L1 only reached 0.19).
+  # Constant lr 3e-3 after a 10-step warm-up; the first 60 of the config's 100 steps. Measured
+  # here: L1 0.403 -> 0.117, CLIP 3.96 -> 0.00 and LPIPS 0.867 -> 0.060 by step 60 (and L1 0.013
+  # by step 100; with 4 reconstructed images and the default cosine decay to step 100, L1 only
+  # reached 0.19 there).
   config.optim.update(lr=3e-3, lr_scaling='none', warmup_steps=10, schedule='constant',
                       weight_decay=0.0, weight_decay_end=0.0, layer_decay=1.0,
                       patch_embed_lr_mult=1.0)
   batch = smooth_images(batch_lib.synthetic_batch(config))
-  _, _, hist = _run(config, _mesh(1, 1, 1), 100, batch)
+  _, _, hist = _run(config, _mesh(1, 1, 1), 60, batch)
   first, last = hist[0], hist[-1]
   b = config.data.batch_size
   # Stated targets: CLIP below half of ln B on this fixed batch; L1 below half its start.
@@ -116,13 +117,13 @@ def test_hundred_steps_drive_every_enabled_loss_down():
   assert last['lpips'] < first['lpips'], (first['lpips'], last['lpips'])
   # On 4 images the centred teacher drifts to uniform (entropy -> ln K), so the DINO cross-entropy
   # itself rises with the teacher's entropy; what the student controls is the gap to it, the mean
-  # KL(teacher || student) over crop pairs. Measured: 0.73 -> 0.008.
+  # KL(teacher || student) over crop pairs. Measured: 0.73 -> 0.0045 by step 60.
   kl_first = first['dino'] - first['teacher_entropy']
   kl_last = last['dino'] - last['teacher_entropy']
   assert kl_last < 0.1 * kl_first, (kl_first, kl_last)
   # iBOT likewise: its floor is the teacher's entropy on the masked tokens, counted as the loss counts
   # them (each masked global-crop image weighs 1 / all global-crop images; the mean patch entropy
-  # stands in for each image's). Measured: the gap 2.15 -> 0.77 at step 5 -> 0.00005 at step 99.
+  # stands in for each image's). Measured: the gap 2.32 -> 0.72 at step 5 -> 0.0006 at step 60.
   # Step 5 is what shows iBOT's own gradient at work: with the student's patch logits cut from it
   # (mutation), the gap widens to 3.22 at step 5 and closes only later, through the head DINO trains.
   # A fixed fraction of the iBOT loss itself is no test: its start depends on the random prototypes.
