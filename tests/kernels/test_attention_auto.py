@@ -141,3 +141,37 @@ def test_auto_lowers_to_the_vmem_kernel_then_splash_on_tpu(tpu_mesh):
   long = _compiled_attention_hlo(tpu_mesh, width=128, heads=2, tokens=600)  # splash's lengths
   assert 'tpu_custom_call' in long and vmem_attention.FORWARD_NAME not in long
   assert 'tpu_custom_call' not in _compiled_attention_hlo(tpu_mesh, width=64, heads=2, tokens=600)
+
+
+@pytest.mark.parametrize('rope', [False, True])
+def test_a_compiled_kernel_call_declares_the_attention_flops_to_xla(tpu_mesh, rope):
+  """XLA's cost analysis cannot see inside a Pallas call; the vmem kernels declare their cost, so
+  a program holding one reports the attention's FLOPs: per device (batch 8 over 4 devices, 6 heads,
+  257 tokens, head dim 64) q k^T and p v forward, 2 T^2 d each; the backward recomputes q k^T and
+  adds dv, dp, dq, dk. RoPE turns q and k by a (d, d) matmul, twice more in the backward."""
+  from vtp_jax.kernels import vmem_attention
+  b, h, t, d = 8 // 4, 6, 257, 64
+  qkv = jax.ShapeDtypeStruct((3, 8, h, t, d), jnp.bfloat16,
+                             sharding=NamedSharding(tpu_mesh, P(None, 'data')))
+  tables = (jax.ShapeDtypeStruct((t - 1, d), jnp.float32, sharding=NamedSharding(tpu_mesh, P())),
+            ) * 2 if rope else ()
+
+  def forward(qkv, *tables):
+    with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+      return vmem_attention.qkv_attention(qkv, *tables)
+
+  def backward(qkv, *tables):  # the forward's output is no input of the gradient: one kernel
+    return jax.grad(lambda x: jnp.sum(forward(x, *tables).astype(jnp.float32)))(qkv)
+
+  turn = 2 * t * d * d if rope else 0
+  want = {forward: b * h * (2 * 2 * t * t * d + 2 * turn),
+          backward: b * h * (5 * 2 * t * t * d + 4 * turn)}
+  with jax.set_mesh(tpu_mesh), jax.default_matmul_precision('default'):
+    for fn, flops in want.items():
+      compiled = jax.jit(fn).lower(qkv, *tables).compile()
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      assert cost['flops'] == pytest.approx(flops, rel=0.01), fn.__name__
+      assert cost['transcendentals'] >= b * h * t * t
+      assert (vmem_attention.BACKWARD_NAME if fn is backward
+              else vmem_attention.FORWARD_NAME) in compiled.as_text()

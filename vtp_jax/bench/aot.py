@@ -17,13 +17,22 @@ collectives (`hlo_stats.py`). The bounds divide those by the chip's published ra
 compute = XLA FLOPs / peak, hbm = bytes accessed / HBM bandwidth, ici = ring traffic / one
 direction of the interconnect, dcn = the traffic of collectives that span slices / the per-chip
 network share. `mfu_ceiling` = analytic (model) FLOPs per device / peak / the largest bound: what
-MFU could at best be if the step ran at that bound. XLA's own `optimal_seconds` is printed for
-reference only: it is negative for this step on libtpu 0.0.42.
+MFU could at best be if the step ran at that bound, every HBM-bound instruction hidden behind a
+compute-bound one.
 
-`--breakdown` adds the roofline by model scope (`roofline.py`): FLOPs, HBM bytes, collectives,
-arithmetic intensity and bound per scope (each tower's forward and backward, the teacher, the
-DINO/iBOT head, the losses, LPIPS, the update), the top instructions by bytes, and every loop with
-its trip count, collective matmuls named. The compiler options the step is compiled with
+The headline is the serial estimate (`bench/serial.py`): `estimated_step_s` adds each compiled
+instruction's own max(FLOPs / effective peak, bytes / bandwidth) in program order, loops per
+iteration, the matrix unit's fill for thin matmuls, and the part of each collective the schedule
+does not hide behind compute; `mfu_estimate` = analytic FLOPs / peak / that time; `estimate.parts`
+says how much is compute-bound, HBM-bound, attention kernels and exposed collectives. The
+ceiling stays as its upper bound. XLA's own `optimal_seconds` (attention kernels included: they
+declare their cost) is printed beside it as a second opinion, loop-scaled in
+`xla_optimal_seconds_loop_scaled`.
+
+`--breakdown` adds the roofline by model scope (`roofline.py`): estimated time, FLOPs, HBM bytes,
+collectives, arithmetic intensity and bound per scope (each tower's forward and backward, the
+teacher, the DINO/iBOT head, the losses, LPIPS, the update), longest estimated time first, the top
+instructions by bytes, and every loop with its trip count, collective matmuls named. The compiler options the step is compiled with
 (`vtp_jax/compiler_options.py`) are the launcher's: both build the step through `train/step.py`.
 
 `--plan` compiles every candidate (mesh x remat policy x scanned or unrolled blocks) in separate

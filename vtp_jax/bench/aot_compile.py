@@ -87,6 +87,23 @@ def _report_without_executable(config, task, target, mesh, inputs, temporaries, 
   }
 
 
+def _estimate(hlo, chip, byte_scale, partition_slices, scope_of, analytic, xla_optimal) -> dict:
+  """bench/serial.py's estimate of the step (per scope where `scope_of` is given), its MFU, and
+  XLA's `optimal_seconds` scaled by the estimate's own ratio of per-iteration to per-body time
+  (XLA counts a loop body once)."""
+  from vtp_jax.bench import serial
+  every = serial.estimate(hlo, chip, byte_scale, partition_slices, scope_of)
+  once = serial.estimate(hlo, chip, byte_scale, partition_slices, count_iterations=False)
+  scaled = None
+  if xla_optimal is not None and xla_optimal > 0 and once['step_s'] > 0:  # libtpu may say < 0
+    scaled = float(xla_optimal) * every['step_s'] / once['step_s']
+  step = every['step_s']
+  return {'step_s': step, 'mfu': analytic / chip.peak_flops / step if step > 0 else None,
+          'parts': every['parts'], 'scopes': every['scopes'],
+          'top_instructions': every['top_instructions'],
+          'xla_optimal_seconds_loop_scaled': scaled}
+
+
 def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
                    breakdown=False) -> dict:
   """Compiles the config's train step for `target` and returns the report (see the module doc)."""
@@ -170,9 +187,12 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
     bounds['dcn'] = dcn_traffic / chip.dcn_bytes_per_s
   bound = max(bounds.values())
   extra = {}
+  scope_of = None
   if breakdown:
     from vtp_jax.bench import roofline
     extra['breakdown'] = roofline.breakdown(hlo, chip.peak_flops, chip.hbm_bytes_per_s)
+    scopes = roofline.scope_table(hlo)
+    scope_of = lambda comp, name: scopes.get((comp, name), 'unattributed')  # noqa: E731
     counted = extra['breakdown']['totals']['hbm_bytes']
     # Scope bytes in XLA's units: the table's shares of the HBM bound.
     scale = hbm_bytes / counted if counted else 1.0
@@ -181,6 +201,15 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
       figures['hbm_bytes_xla_scaled'] = figures['hbm_bytes'] * scale
       figures['hbm_s'] *= scale
       figures['bound'] = 'hbm' if figures['hbm_s'] > figures['compute_s'] else 'compute'
+  estimate = _estimate(hlo, chip, hbm_bytes / loops['bytes_accessed'] if loops['bytes_accessed']
+                       else 1.0, slice_of if multi else None, scope_of, analytic,
+                       cost.get('optimal_seconds'))
+  if breakdown:  # where the estimated time goes, longest first
+    scopes = extra['breakdown']['scopes']
+    for scope, figures in scopes.items():
+      figures['estimated_s'] = estimate['scopes'].get(scope, 0.0)
+    extra['breakdown']['scopes'] = dict(sorted(scopes.items(),
+                                               key=lambda kv: -kv[1]['estimated_s']))
   return {
       **_describe(config, task, target, mesh),
       'memory_per_device_gib': {'arguments': args / GIB, 'outputs': outs / GIB,
@@ -197,10 +226,14 @@ def compile_report(config, target, devices=None, hbm_fraction=0.9, dump_hlo='',
       'collective_bytes_total': sum(collectives[k]['bytes'] for k in hlo_stats.KINDS),
       'unknown_trip_counts': collectives['unknown_trip_counts'],
       'compile_s': round(compile_s, 1),
+      'estimated_step_s': estimate['step_s'],
+      'mfu_estimate': estimate['mfu'],
+      'estimate': estimate,
       'bound_s': bounds,
       'bound_step_s': bound,
       'mfu_ceiling': analytic / chip.peak_flops / bound if bound > 0 else None,
       'xla_optimal_seconds': cost.get('optimal_seconds'),
+      'xla_optimal_seconds_loop_scaled': estimate['xla_optimal_seconds_loop_scaled'],
       'compiler_options': compiler_options.for_mesh(mesh),
       # What precision.attention='auto' took shows here: splash as 'tpu_custom_call', cuDNN as
       # '__cudnn$fmha...'; nothing for the xla kernel.

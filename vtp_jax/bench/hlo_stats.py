@@ -306,7 +306,7 @@ def loop_aware_costs(hlo_text: str) -> dict:
   """{'flops', 'bytes_accessed'} per execution of the entry with every loop body counted once per
   iteration, and {'flops_once', 'bytes_once'} with each body counted once, as XLA's cost analysis
   does (which undercounts scanned layers by their depth). Matmul/convolution FLOPs wherever they
-  sit (fused or not); the operand and result bytes of every top-level op and fusion (a fusion's
+  sit (fused or not) and attention kernels' (`kernel_cost`); the operand and result bytes of every top-level op and fusion (a fusion's
   internals stay on chip; reading a whole operand where a fusion slices it overcounts, so the ratio
   of the two figures is the trustworthy part: `bench.aot` scales XLA's own counts by it)."""
   computations, entry = _parse(hlo_text)
@@ -338,11 +338,40 @@ def _costs(computations, runs) -> dict:
       if opcode in ('convolution', 'dot'):
         flops += times * _contraction_flops(line, opcode, math.prod(shapes.get(name, [0])),
                                             shapes)
+      elif opcode == 'custom-call' and (kernel := kernel_cost(line, shapes)) is not None:
+        flops += times * kernel['flops']
       if comp in fused or opcode in _FREE:
         continue
       operands = _operand_names(line, opcode)
       bytes_accessed += times * (sizes[name] + sum(sizes.get(o, 0) for o in operands))
   return {'flops': flops, 'bytes_accessed': bytes_accessed}
+
+
+_COST_ESTIMATE = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
+
+
+def kernel_cost(line: str, shapes: dict) -> dict | None:
+  """{'flops', 'head_dim', 'tokens'} of an attention kernel's custom call, None for any other
+  instruction. A Pallas kernel's FLOPs are those it declares (`pl.CostEstimate`, in its
+  backend_config; 0 where it declares none, as splash does); cuDNN's fused attention declares
+  nothing, so its FLOPs come from its (batch, tokens, heads, head_dim) operands: 4 B H Tq Tk d
+  forward (q k^T and p v), 10 backward (q k^T recomputed, dv, dp, dq, dk). `head_dim` and `tokens`
+  are the first operand's two minor dimensions (heads-first Pallas layouts) or its last and second
+  (cuDNN's)."""
+  target = _CUSTOM_CALL_TARGET.search(line)
+  if target is None or not target.group(1).startswith(KERNEL_CALL_PREFIXES):
+    return None
+  operands = [shapes.get(o) for o in _operand_names(line, 'custom-call')]
+  q = operands[0] if operands and operands[0] else [1, 1]
+  if target.group(1).startswith('__cudnn$fmha') and len(operands) >= 2 and all(
+      o and len(o) == 4 for o in operands[:2]):
+    (batch, tq, heads, head_dim), tk = operands[0], operands[1][1]
+    per = 10 if 'Backward' in target.group(1) else 4
+    return {'flops': float(per * batch * heads * tq * tk * head_dim), 'head_dim': head_dim,
+            'tokens': tq}
+  declared = _COST_ESTIMATE.search(line)
+  return {'flops': float(declared.group(1)) if declared else 0.0, 'head_dim': q[-1],
+          'tokens': q[-2] if len(q) > 1 else 1}
 
 
 # Custom-call targets of kernels we choose (not XLA's own bookkeeping calls such as AllocateBuffer):

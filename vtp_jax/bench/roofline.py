@@ -155,6 +155,12 @@ class _Program:
     return total
 
 
+def scope_table(hlo_text: str) -> dict:
+  """{(computation, instruction): scope} of every instruction in a computation that runs."""
+  return {(comp, name): scope for comp, _, rows in _Program(hlo_text).scoped()
+          for name, _, _, _, scope in rows}
+
+
 def _shapes(instructions) -> dict:
   shapes = {}
   for name, type_text, _, _ in instructions:
@@ -202,6 +208,8 @@ def breakdown(hlo_text: str, peak_flops: float, hbm_bytes_per_s: float, top: int
         flops = hlo_stats._contraction_flops(line, opcode, _elements(shapes.get(name)), shapes)  # noqa: SLF001
       elif opcode == 'fusion' or opcode.startswith('async'):
         flops = sum(program.fused_flops(c) for c in _CALLS.findall(line))
+      elif opcode == 'custom-call' and (kernel := hlo_stats.kernel_cost(line, shapes)):
+        flops = kernel['flops']
       operands = hlo_stats._operand_names(line, opcode)  # noqa: SLF001
       moved = sizes[name] + sum(sizes.get(o, 0) for o in operands)
       figures = scopes[scope]
@@ -280,13 +288,15 @@ def loops(program: '_Program', scopes: dict) -> dict:
 def table(result: dict, hbm_scale: float = 1.0) -> str:
   """The breakdown as a printed table (bytes scaled to XLA's count by `hbm_scale`)."""
   gib = 1024 ** 3
-  lines = [f'{"scope":44s} {"TFLOP":>8s} {"HBM GiB":>9s} {"share":>6s} {"FLOP/B":>7s} '
-           f'{"bound":>7s}  collectives GiB']
+  lines = [f'{"scope":44s} {"est ms":>8s} {"TFLOP":>8s} {"HBM GiB":>9s} {"share":>6s} '
+           f'{"FLOP/B":>7s} {"bound":>7s}  collectives GiB']
   for scope, f in result['scopes'].items():
     coll = ', '.join(f'{k} {v / gib:.2f}' for k, v in f['collective_bytes'].items() if v)
     intensity = f'{f["intensity"]:.0f}' if f['intensity'] is not None else '-'
-    lines.append(f'{scope[:44]:44s} {f["flops"] / 1e12:8.2f} {f["hbm_bytes"] * hbm_scale / gib:9.2f} '
-                 f'{f["hbm_share"]:6.1%} {intensity:>7s} {f["bound"]:>7s}  {coll}')
+    estimated = f'{f["estimated_s"] * 1e3:8.1f}' if 'estimated_s' in f else f'{"-":>8s}'
+    lines.append(f'{scope[:44]:44s} {estimated} {f["flops"] / 1e12:8.2f} '
+                 f'{f["hbm_bytes"] * hbm_scale / gib:9.2f} {f["hbm_share"]:6.1%} '
+                 f'{intensity:>7s} {f["bound"]:>7s}  {coll}')
   lines.append(f'ridge point: {result["totals"]["ridge_flops_per_byte"]:.0f} FLOP/B')
   lp = result['loops']
   lines.append(f'loops: {lp["count"]} ({", ".join(f"{k}: {v}" for k, v in lp["by_kind"].items())})'

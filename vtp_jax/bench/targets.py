@@ -32,21 +32,24 @@ class Chip:
   ici_bytes_per_s: float  # bidirectional, per chip
   dcn_bytes_per_s: float | None
   source: str
+  # Width of the matrix unit's systolic array (bench/serial.py's fill rule); None: not modelled.
+  matmul_unit: int | None = None
 
 
 CHIPS = {
     'v4': Chip('TPU v4', 275e12, 32 * GIB, 1200e9, 600e9, None,
                'cloud.google.com/tpu/docs/v4: 275 TFLOP/s, 32 GiB at 1200 GB/s; ICI from the TPU '
-               'v4 paper (Jouppi et al. 2023): six 50 GB/s links each way'),
+               'v4 paper (Jouppi et al. 2023): six 50 GB/s links each way; 128 x 128 MXUs', 128),
     'v5p': Chip('TPU v5p', 459e12, 95 * GIB, 2765e9, 1200e9, 50e9 / 8,
                 'cloud.google.com/tpu/docs/v5p: 459 TFLOP/s, 95 GiB at 2765 GB/s, ICI 1200 GB/s '
-                'bidirectional, DCN 50 Gbit/s per chip'),
+                'bidirectional, DCN 50 Gbit/s per chip; 128 x 128 MXUs', 128),
     'v5e': Chip('TPU v5e', 197e12, 16 * GIB, 819e9, 400e9, 2 * 100e9 / 8 / 8,
                 'cloud.google.com/tpu/docs/v5e: 197 TFLOP/s, 16 GB at 819 GB/s, ICI 400 GB/s '
-                'bidirectional, 2 x 100 Gbit/s NICs per 8-chip host'),
+                'bidirectional, 2 x 100 Gbit/s NICs per 8-chip host; 128 x 128 MXUs', 128),
     'v6e': Chip('TPU v6e', 918e12, 32 * GIB, 1638e9, 800e9, 4 * 200e9 / 8 / 8,
                 'cloud.google.com/tpu/docs/v6e: 918 TFLOP/s, 32 GB at 1638 GB/s, ICI 800 GB/s '
-                'bidirectional, 4 x 200 Gbit/s NICs per 8-chip host'),
+                'bidirectional, 4 x 200 Gbit/s NICs per 8-chip host; 256 x 256 MXUs '
+                '(Trillium announcement)', 256),
     'h100': Chip('NVIDIA H100 SXM', 989e12, 80e9, 3.35e12, 900e9, 400e9 / 8,
                  'NVIDIA H100 datasheet: 989 TFLOP/s dense bf16, 80 GB HBM3 at 3.35 TB/s, NVLink '
                  '900 GB/s; one 400 Gbit/s InfiniBand NIC per GPU'),

@@ -202,6 +202,31 @@ def _backward_kernel(qkv_ref, do_ref, *refs, scale, causal, rope_dtype):
   _each_head(qkv_ref, one_head)
 
 
+def cost(name: str, batch: int, heads: int, tokens: int, head_dim: int, itemsize: int,
+         rope: bool, rope_parts: int = 1) -> dict:
+  """What one call of the forward (FORWARD_NAME) or backward kernel computes and moves: FLOPs of
+  its matmuls (2 per multiply-add), exponentials, HBM bytes of its blocks. XLA's cost analysis
+  cannot see inside a Pallas call, so the call declares these (pl.CostEstimate) and bench.aot's
+  totals and step-time estimate include attention.
+
+  Per image and head: the forward's q k^T and p v are 2 T^2 d each; the backward recomputes q k^T
+  and adds dv, dp, dq, dk (5 of them). RoPE turns q and k by a (d, d) matmul per bfloat16 part of
+  the operand (`rope_parts`: 1 for bfloat16, 3 for float32), twice more in the backward for the
+  cotangents. Each recomputed softmax takes T^2 exponentials."""
+  per_matmul = 2 * tokens * tokens * head_dim
+  per_turn = 2 * tokens * head_dim * head_dim * rope_parts
+  forward = name == FORWARD_NAME
+  matmuls = 2 if forward else 5
+  turns = (2 if forward else 4) if rope else 0
+  block = batch * heads * tokens * head_dim * itemsize
+  moved = (3 + 1) * block if forward else (3 + 1 + 3) * block  # qkv (+ d_out) in, out / d_qkv
+  if rope:
+    moved += 2 * tokens * head_dim * 4 + head_dim * head_dim * 2  # sin, cos (f32), R (bf16)
+  return {'flops': batch * heads * (matmuls * per_matmul + turns * per_turn),
+          'transcendentals': batch * heads * tokens * tokens,
+          'bytes_accessed': moved}
+
+
 def _call(kernel, name: str, qkv, extra, tables, out_shape, causal, rope_dtype, interpret):
   """pallas_call of `kernel` over grid steps of whole images and heads (all tokens): qkv's
   (3, images, heads, ...) block, the (images, heads, ...) blocks of `extra`, the whole RoPE
@@ -222,6 +247,9 @@ def _call(kernel, name: str, qkv, extra, tables, out_shape, causal, rope_dtype, 
       out_specs=stacked if len(out_shape.shape) == 5 else single,
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel')),
+      cost_estimate=pl.CostEstimate(**cost(
+          name, batch, heads, tokens, head_dim, qkv.dtype.itemsize, bool(tables),
+          1 if qkv.dtype == jnp.bfloat16 else 3)),
       interpret=interpret,
       name=name,
   )(qkv, *extra, *tables)
