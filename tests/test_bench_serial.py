@@ -141,11 +141,12 @@ def test_without_a_fill_rule_a_thin_matmul_runs_at_peak():
 
 
 def test_the_device_check_knows_one_chip_targets_and_refuses_a_cpu():
-  from vtp_jax.bench import device_check
-  assert device_check.one_chip_target('NVIDIA H100 80GB HBM3') == 'h100:1x1'
-  assert device_check.one_chip_target('NVIDIA H200') == 'h200:1x1'
-  assert device_check.one_chip_target('TPU v6 lite') == 'v6e-1'
-  assert device_check.one_chip_target('TPU v5p') is None  # a v5p chip is named: --topology
+  from vtp_jax.bench import targets
+  assert targets.one_chip_target('NVIDIA H100 80GB HBM3') == 'h100:1x1'
+  assert targets.one_chip_target('NVIDIA H200') == 'h200:1x1'
+  assert targets.one_chip_target('TPU v6 lite') == 'v6e-1'
+  assert targets.parse('v6e-1').chips == targets.parse('h100:1x1').chips == 1
+  assert targets.one_chip_target('TPU v5p') is None  # a v5p chip is named: --topology
   run = subprocess.run([sys.executable, '-m', 'vtp_jax.bench.device_check'], capture_output=True,
                        text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert run.returncode == 2

@@ -93,20 +93,35 @@ def smooth_images(batch, seed=0):
   return jax.tree.map(smooth, batch)
 
 
-@pytest.mark.heavy
-def test_sixty_steps_drive_every_enabled_loss_down():
-  config = step_config(koleo_weight=0.0)
-  # 1 reconstructed image: LPIPS on the micro config's 32 px images is most of this test's time
-  # (VGG16's 2 x 2 maps are a slow case for XLA:CPU convolutions; docs/benchmarks.md,
-  # 'LPIPS at 32 px').
+def _descent_config(**loss):
+  """1 reconstructed image, constant lr 3e-3 after a 10-step warm-up, no decay."""
+  config = step_config(**loss)
   config.data.rec_batch_fraction = 0.125
-  # Constant lr 3e-3 after a 10-step warm-up; the first 60 of the config's 100 steps. Measured
-  # here: L1 0.403 -> 0.117, CLIP 3.96 -> 0.00 and LPIPS 0.867 -> 0.060 by step 60 (and L1 0.013
-  # by step 100; with 4 reconstructed images and the default cosine decay to step 100, L1 only
-  # reached 0.19 there).
   config.optim.update(lr=3e-3, lr_scaling='none', warmup_steps=10, schedule='constant',
                       weight_decay=0.0, weight_decay_end=0.0, layer_decay=1.0,
                       patch_embed_lr_mult=1.0)
+  return config
+
+
+@pytest.mark.heavy
+def test_eight_steps_drive_lpips_down():
+  """LPIPS apart from the losses below: its VGG16 on the micro config's 32 px images is 85% of a
+  step's time on CPU (2 x 2 maps are a slow case for XLA:CPU convolutions; docs/benchmarks.md,
+  'LPIPS at 32 px'). Reconstruction alone, L1 + LPIPS. Measured: LPIPS 0.896 -> 0.675 at step 8
+  (0.551 at step 10), L1 0.382 -> 0.372."""
+  config = _descent_config(clip_weight=0.0, ssl_weight=0.0)
+  batch = smooth_images(batch_lib.synthetic_batch(config))
+  _, _, hist = _run(config, _mesh(1, 1, 1), 8, batch)
+  assert hist[-1]['lpips'] < 0.9 * hist[0]['lpips'], (hist[0]['lpips'], hist[-1]['lpips'])
+  assert hist[-1]['l1'] < hist[0]['l1'], (hist[0]['l1'], hist[-1]['l1'])
+
+
+@pytest.mark.heavy
+def test_sixty_steps_drive_every_other_enabled_loss_down():
+  # The first 60 of the config's 100 steps, LPIPS off (the test above). Measured here: L1 0.403
+  # -> 0.012, CLIP 3.96 -> 0.00 by step 60 (with 4 reconstructed images and the default cosine
+  # decay to step 100, L1 only reached 0.19 there).
+  config = _descent_config(koleo_weight=0.0, lpips_weight=0.0)
   batch = smooth_images(batch_lib.synthetic_batch(config))
   _, _, hist = _run(config, _mesh(1, 1, 1), 60, batch)
   first, last = hist[0], hist[-1]
@@ -114,10 +129,9 @@ def test_sixty_steps_drive_every_enabled_loss_down():
   # Stated targets: CLIP below half of ln B on this fixed batch; L1 below half its start.
   assert last['clip'] < 0.5 * np.log(b), (first['clip'], last['clip'])
   assert last['l1'] < 0.5 * first['l1'], (first['l1'], last['l1'])
-  assert last['lpips'] < first['lpips'], (first['lpips'], last['lpips'])
   # On 4 images the centred teacher drifts to uniform (entropy -> ln K), so the DINO cross-entropy
   # itself rises with the teacher's entropy; what the student controls is the gap to it, the mean
-  # KL(teacher || student) over crop pairs. Measured: 0.73 -> 0.0045 by step 60.
+  # KL(teacher || student) over crop pairs. Measured: 0.73 -> 0.0049 by step 60.
   kl_first = first['dino'] - first['teacher_entropy']
   kl_last = last['dino'] - last['teacher_entropy']
   assert kl_last < 0.1 * kl_first, (kl_first, kl_last)

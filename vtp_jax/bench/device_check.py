@@ -26,16 +26,6 @@ flags.DEFINE_string('topology', '', "bench.aot's target for one chip; default: f
 flags.DEFINE_integer('steps', 5, 'timed steps of bench.step')
 FLAGS = flags.FLAGS
 
-# Device kind (as jax reports it, lower case) -> bench.aot's one-chip target.
-_ONE_CHIP = {'h100': 'h100:1x1', 'h200': 'h200:1x1', 'v5 lite': 'v5e-1', 'v5e': 'v5e-1',
-             'v6 lite': 'v6e-1', 'v6e': 'v6e-1'}
-
-
-def one_chip_target(device_kind: str) -> str | None:
-  kind = device_kind.lower()
-  return next((target for key, target in _ONE_CHIP.items() if key in kind), None)
-
-
 def _json_of(run: subprocess.CompletedProcess, what: str) -> dict:
   """The JSON object a bench command printed last on stdout."""
   if run.returncode != 0:
@@ -85,7 +75,7 @@ def main(argv):
   del argv
   from vtp_jax.bench import targets
   kind = _device_kind()
-  target = FLAGS.topology or one_chip_target(kind)
+  target = FLAGS.topology or targets.one_chip_target(kind)
   if target is None:
     print(f'error: no one-chip bench.aot target known for device kind {kind!r}; pass '
           '--topology (e.g. v5p-2, h100:1x1).', file=sys.stderr)

@@ -70,6 +70,18 @@ _TPU_GENERATIONS = {'v4': ('v4', 2, _SHAPES_3D), 'v5p': ('v5p', 2, _SHAPES_3D),
                     'v6e': ('v6e', 1, _SHAPES_2D)}
 
 
+# Device kind (as jax reports it, lower case) -> the one-chip target of that chip (bench.device_check).
+_ONE_CHIP = {'h100': 'h100:1x1', 'h200': 'h200:1x1', 'v5 lite': 'v5e-1', 'v5e': 'v5e-1',
+             'v6 lite': 'v6e-1', 'v6e': 'v6e-1'}
+
+
+def one_chip_target(device_kind: str) -> str | None:
+  """The target name of one chip of `device_kind` ('NVIDIA H100 80GB HBM3' -> 'h100:1x1'); None
+  where a chip is no target of its own (a v5p chip is two TensorCores: 'v5p-2')."""
+  kind = device_kind.lower()
+  return next((target for key, target in _ONE_CHIP.items() if key in kind), None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
   name: str  # as given
