@@ -42,6 +42,7 @@ import math
 import re
 
 from vtp_jax.bench import hlo_stats
+from vtp_jax.bench import roofline
 
 _CALLS = re.compile(r'calls=%([^\s,]+)')
 _ASYNC_COPIES = ('copy-start', 'slice-start')
@@ -118,12 +119,7 @@ class _Estimator:
 
   def shapes(self, comp: str) -> dict:
     if comp not in self._shapes:
-      shapes = {}
-      for name, type_text, _, _ in self.computations.get(comp, ()):
-        arrays = hlo_stats._ARRAY.findall(type_text)  # noqa: SLF001
-        if len(arrays) == 1:
-          shapes[name] = [int(d) for d in arrays[0][1].split(',') if d]
-      self._shapes[comp] = shapes
+      self._shapes[comp] = roofline._shapes(self.computations.get(comp, ()))  # noqa: SLF001
     return self._shapes[comp]
 
   def matmul_seconds(self, comp: str, seen=None) -> float:
