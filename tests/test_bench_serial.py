@@ -152,3 +152,16 @@ def test_the_device_check_knows_one_chip_targets_and_refuses_a_cpu():
   assert run.returncode == 2
   assert run.stderr.strip().splitlines()[-1].startswith(
       "error: no one-chip bench.aot target known for device kind 'cpu'")
+
+
+def test_a_matmul_written_as_a_convolution_fills_by_its_whole_depth():
+  # TPU writes matmuls as convolutions; a spatial dim whose window covers its input is contracted
+  # too: here 4 x 32 = 128 multiply-adds per output, a full pass, though the kernel's input
+  # features are 32.
+  line = ('%c = bf16[8,1,128]{2,1,0} convolution(%x, %w), window={size=4}, '
+          'dim_labels=b0f_0io->b0f')
+  shapes = {'x': [8, 4, 32], 'w': [4, 32, 128], 'c': [8, 1, 128]}
+  assert serial.matmul_fill(line, 'convolution', shapes, 128, 'c') == 1.0
+  flat = '%d = bf16[8,128]{1,0} convolution(%y, %v), dim_labels=bf_io->bf'
+  shapes = {'y': [8, 32], 'v': [32, 128], 'd': [8, 128]}
+  assert serial.matmul_fill(flat, 'convolution', shapes, 128, 'd') == 0.25

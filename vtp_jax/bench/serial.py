@@ -64,9 +64,9 @@ def _dims(shape) -> int:
   return math.prod(shape) if shape else 1
 
 
-def matmul_fill(line: str, opcode: str, shapes: dict, unit: int | None) -> float:
-  """fill(K) x fill(N) of one dot or convolution: K its contraction depth, N its output width
-  (the right-hand side's free dimensions; a convolution's output features)."""
+def matmul_fill(line: str, opcode: str, shapes: dict, unit: int | None, name: str = '') -> float:
+  """fill(K) x fill(N) of the dot or convolution `name`: K its contraction depth, N its output
+  width (the right-hand side's free dimensions; a convolution's output features)."""
   if not unit:
     return 1.0
   operands = hlo_stats._operand_names(line, opcode)  # noqa: SLF001 (same package)
@@ -76,13 +76,15 @@ def matmul_fill(line: str, opcode: str, shapes: dict, unit: int | None) -> float
   if rhs is None:
     return 1.0
   if opcode == 'convolution':
+    # TPU writes matmuls as convolutions whose spatial dims may be contracted (window = input):
+    # the depth is the multiply-adds per output, not the kernel's input features alone.
     labels = re.search(r'dim_labels=[^_]+_([^-]+)->', line)
-    if not labels or len(labels.group(1)) != len(rhs):
+    out = _dims(shapes.get(name)) if name else 0
+    if not labels or len(labels.group(1)) != len(rhs) or not out:
       return 1.0
-    kernel_labels = labels.group(1)
-    k = rhs[kernel_labels.index('i')]
-    n = rhs[kernel_labels.index('o')]
-    return fill(k, unit) * fill(n, unit)
+    k = hlo_stats._contraction_flops(line, opcode, out, shapes) / (2 * out)  # noqa: SLF001
+    n = rhs[labels.group(1).index('o')]
+    return fill(round(k), unit) * fill(n, unit)
   contracting = dict(_CONTRACTING.findall(line))
   rhs_contract = [int(d) for d in contracting.get('rhs', '').split(',') if d]
   batch = _BATCH.search(line)
@@ -133,7 +135,7 @@ class _Estimator:
     for name, _, opcode, line in self.computations.get(comp, ()):
       if opcode in ('convolution', 'dot'):
         flops = hlo_stats._contraction_flops(line, opcode, _dims(shapes.get(name)), shapes)  # noqa: SLF001
-        total += flops / (self.chip.peak_flops * matmul_fill(line, opcode, shapes, self.unit))
+        total += flops / (self.chip.peak_flops * matmul_fill(line, opcode, shapes, self.unit, name))
       for callee in _CALLS.findall(line):
         total += self.matmul_seconds(callee, seen)
     return total
@@ -234,7 +236,8 @@ class _Estimator:
       return max(compute_s, hbm_s), 'attention kernels', max(0.0, compute_s - hbm_s)
     if opcode in ('convolution', 'dot'):
       flops = hlo_stats._contraction_flops(line, opcode, _dims(shapes.get(name)), shapes)  # noqa: SLF001
-      compute_s = flops / (self.chip.peak_flops * matmul_fill(line, opcode, shapes, self.unit))
+      compute_s = flops / (self.chip.peak_flops * matmul_fill(line, opcode, shapes, self.unit,
+                                                             name))
     else:
       compute_s = sum(self.matmul_seconds(c) for c in _CALLS.findall(line))
     if compute_s >= hbm_s and compute_s > 0:
