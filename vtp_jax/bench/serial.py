@@ -44,6 +44,8 @@ import re
 from vtp_jax.bench import hlo_stats
 from vtp_jax.bench import roofline
 
+_operands = hlo_stats._operand_names  # noqa: SLF001 (same package)
+_flops = hlo_stats._contraction_flops  # noqa: SLF001
 _CALLS = re.compile(r'calls=%([^\s,]+)')
 _ASYNC_COPIES = ('copy-start', 'slice-start')
 _BODY = re.compile(r'body=%([^\s,]+)')
@@ -69,7 +71,7 @@ def matmul_fill(line: str, opcode: str, shapes: dict, unit: int | None, name: st
   width (the right-hand side's free dimensions; a convolution's output features)."""
   if not unit:
     return 1.0
-  operands = hlo_stats._operand_names(line, opcode)  # noqa: SLF001 (same package)
+  operands = _operands(line, opcode)
   if len(operands) < 2:
     return 1.0
   rhs = shapes.get(operands[1])
@@ -82,7 +84,7 @@ def matmul_fill(line: str, opcode: str, shapes: dict, unit: int | None, name: st
     out = _dims(shapes.get(name)) if name else 0
     if not labels or len(labels.group(1)) != len(rhs) or not out:
       return 1.0
-    k = hlo_stats._contraction_flops(line, opcode, out, shapes) / (2 * out)  # noqa: SLF001
+    k = _flops(line, opcode, out, shapes) / (2 * out)
     n = rhs[labels.group(1).index('o')]
     return fill(round(k), unit) * fill(n, unit)
   contracting = dict(_CONTRACTING.findall(line))
@@ -134,7 +136,7 @@ class _Estimator:
     total = 0.0
     for name, _, opcode, line in self.computations.get(comp, ()):
       if opcode in ('convolution', 'dot'):
-        flops = hlo_stats._contraction_flops(line, opcode, _dims(shapes.get(name)), shapes)  # noqa: SLF001
+        flops = _flops(line, opcode, _dims(shapes.get(name)), shapes)
         total += flops / (self.chip.peak_flops * matmul_fill(line, opcode, shapes, self.unit, name))
       for callee in _CALLS.findall(line):
         total += self.matmul_seconds(callee, seen)
@@ -189,8 +191,8 @@ class _Estimator:
       elif opcode not in hlo_stats._FREE:  # noqa: SLF001
         # Every instruction that moves bytes is charged them, as XLA's `bytes accessed` counts
         # them (byte_scale makes the sums equal): then the estimate is at least the HBM bound.
-        hbm_s = self.byte_scale * (sizes[name] + sum(
-            sizes.get(o, 0) for o in hlo_stats._operand_names(line, opcode))) / self.chip.hbm_bytes_per_s  # noqa: SLF001
+        moved = sizes[name] + sum(sizes.get(o, 0) for o in _operands(line, opcode))
+        hbm_s = self.byte_scale * moved / self.chip.hbm_bytes_per_s
         collective = self.collective_seconds(comp, type_text, opcode, line)
         started_here = None
         if collective is not None and opcode.endswith('-start'):
@@ -205,7 +207,7 @@ class _Estimator:
           # the instructions until its done, while they leave HBM idle.
           started_here = [hbm_s, 'async copies (not hidden)']
         elif opcode.endswith('-done') and (started := next(
-            (o for o in hlo_stats._operand_names(line, opcode) if o in pending), None)):  # noqa: SLF001
+            (o for o in _operands(line, opcode) if o in pending), None)):
           seconds, part = pending.pop(started)
           seconds += hbm_s
         else:
@@ -214,7 +216,7 @@ class _Estimator:
         if started_here is not None:
           pending[name] = started_here
       elif opcode.endswith('-done') and (started := next(
-          (o for o in hlo_stats._operand_names(line, opcode) if o in pending), None)):  # noqa: SLF001
+          (o for o in _operands(line, opcode) if o in pending), None)):
         seconds, part = pending.pop(started)
       if part is not None and seconds > 0:
         self.parts[part] += seconds * times
@@ -235,7 +237,7 @@ class _Estimator:
       compute_s = kernel['flops'] / (self.chip.peak_flops * util)
       return max(compute_s, hbm_s), 'attention kernels', max(0.0, compute_s - hbm_s)
     if opcode in ('convolution', 'dot'):
-      flops = hlo_stats._contraction_flops(line, opcode, _dims(shapes.get(name)), shapes)  # noqa: SLF001
+      flops = _flops(line, opcode, _dims(shapes.get(name)), shapes)
       compute_s = flops / (self.chip.peak_flops * matmul_fill(line, opcode, shapes, self.unit,
                                                              name))
     else:
