@@ -93,10 +93,11 @@ def _estimate(hlo, chip, byte_scale, partition_slices, scope_of, analytic, xla_o
   (XLA counts a loop body once)."""
   from vtp_jax.bench import serial
   every = serial.estimate(hlo, chip, byte_scale, partition_slices, scope_of)
-  once = serial.estimate(hlo, chip, byte_scale, partition_slices, count_iterations=False)
   scaled = None
-  if xla_optimal is not None and xla_optimal > 0 and once['step_s'] > 0:  # libtpu may say < 0
-    scaled = float(xla_optimal) * every['step_s'] / once['step_s']
+  if xla_optimal is not None and xla_optimal > 0:  # libtpu may say < 0: nothing to scale then
+    once = serial.estimate(hlo, chip, byte_scale, partition_slices, count_iterations=False)
+    if once['step_s'] > 0:
+      scaled = float(xla_optimal) * every['step_s'] / once['step_s']
   step = every['step_s']
   return {'step_s': step, 'mfu': analytic / chip.peak_flops / step if step > 0 else None,
           'parts': every['parts'], 'scopes': every['scopes'],
