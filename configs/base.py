@@ -136,6 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.read_buffer_size = 256  # Grain ReadOptions.prefetch_buffer_size: decoded records ahead
   c.data.worker_count = -1  # Grain worker processes; -1 = auto (cores less 2-8, RAM-capped); 0 = none
   c.data.decode = 'scaled'  # JPEG decode at the DCT scale the crops allow; 'full' = whole image
+  c.data.views_backend = 'opencv'  # views' pixel ops in OpenCV; 'pillow' = torchvision's PIL path
   c.data.prefetch_buffer_size = 2  # batches each worker keeps ready
 
   c.loss = ml_collections.ConfigDict()

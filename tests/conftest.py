@@ -6,6 +6,7 @@ pytest before any test module, so setting the flag here (before `import jax`) is
 """
 
 import atexit
+import importlib.metadata
 import os
 import pathlib
 import shutil
@@ -19,8 +20,13 @@ import gcs_server
 # docs/benchmarks.md, 'Test suite time'). XLA's own HLO passes (fusion, sharding,
 # simplification) run as in production; what changes is that LLVM does not contract a multiply
 # and an add into one FMA, so a program's float32 arithmetic is NumPy's, rounding for rounding
-# (test_step.py relies on it).
+# (test_step.py relies on it). Where jaxlib still has them (0.10; 0.12 knows no such flag and
+# would abort on it), XLA:CPU's older loop emitters instead of its MLIR fusion emitters take
+# another third off a micro step's compile: the fused computations are the same HLO, only how the
+# CPU backend writes their loops changes (docs/benchmarks.md, 'Test suite time').
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+if tuple(int(v) for v in importlib.metadata.version('jaxlib').split('.')[:2]) < (0, 11):
+  FAST_COMPILE += ' --xla_cpu_use_fusion_emitters=false'
 
 # Appended after the caller's XLA_FLAGS, so these win over a repeated flag.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -172,13 +178,13 @@ KILL_SWITCHES = ('VTP_TEST_KILL_AFTER_SAVE', 'VTP_TEST_KILL_DURING_SET_ASIDE')
 
 def driver_subprocess_env(base: pathlib.Path, config_name: str) -> tuple:
   """(config file, environment) for driver subprocesses (launch/main.py or a script importing the
-  config by `config_name`): MICRO_CONFIG written to base/config_name.py, one CPU device, the
-  compile cache of `base` shared by every subprocess of this test process."""
+  config by `config_name`): MICRO_CONFIG written to base/config_name.py, one CPU device, and the
+  pytest run's compilation cache (so a program one xdist worker's subprocess compiled is read by
+  the other's: a warm driver start costs 13 CPU-s against 32 CPU-s cold)."""
   config_file = base / f'{config_name}.py'
   config_file.write_text(MICRO_CONFIG)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(pathlib.Path(__file__).parents[1]),
              XLA_FLAGS=FAST_COMPILE + ' --xla_force_host_platform_device_count=1',
-             JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   for key in KILL_SWITCHES:
     env.pop(key, None)

@@ -192,9 +192,12 @@ def _stats(array):
   return a.mean(), a.std(), sharp
 
 
-def test_views_of_the_scaled_decode_match_the_full_decode_on_photographs():
-  """Same seeds, full against scaled decode: the crops are drawn on the same source size (so the
-  boxes are the same), and the outputs' brightness, contrast, sharpness and pixels agree."""
+@pytest.mark.parametrize('backend', ['pillow', 'opencv'])
+def test_views_of_the_scaled_decode_match_the_full_decode_on_photographs(backend):
+  """Same seeds, the reference path (full decode, views in Pillow) against the scaled decode with
+  views in `backend` (data.views_backend; 'opencv' is the default): the crops are drawn on the
+  same source size (so the boxes are the same), and the outputs' brightness, contrast, sharpness
+  and pixels agree."""
   from conftest import micro_config
   from vtp_jax.data import views
   config = micro_config()
@@ -213,11 +216,11 @@ def test_views_of_the_scaled_decode_match_the_full_decode_on_photographs():
       assert hw == full.shape[:2]
       reduced += small.shape[0] < full.shape[0]
       outs = []
-      for image in (full, small):
-        pil, r = views.as_pil(image), rngs()
-        outs.append([views.clip_view(pil, config, r['clip'], hw),
-                     views.rec_view(pil, config, r['rec'], hw),
-                     *views.ssl_views(pil, config, r['ssl'], hw)])
+      for image in (views.as_pil(full), small if backend == 'opencv' else views.as_pil(small)):
+        r = rngs()
+        outs.append([views.clip_view(image, config, r['clip'], hw),
+                     views.rec_view(image, config, r['rec'], hw),
+                     *views.ssl_views(image, config, r['ssl'], hw)])
       for x, y in zip(*outs):
         assert x.shape == y.shape
         (ma, sa, ha), (mb, sb, hb) = _stats(x), _stats(y)
@@ -225,3 +228,24 @@ def test_views_of_the_scaled_decode_match_the_full_decode_on_photographs():
         assert abs(ha - hb) < 0.08 * ha + 0.3, (name, ha, hb)  # not softer nor sharper
         assert np.abs(x.astype(np.float32) - y.astype(np.float32)).mean() < 3, name
   assert reduced >= 5  # most of the 9 decodes took the reduced path
+
+
+def test_scaled_decode_through_libjpeg_turbo_equals_pillows_draft_and_refuses_truncation():
+  """Plain JPEGs on the scaled path go through simplejpeg: the pixels Pillow decodes (whole or with
+  draft), bit for bit, progressive and greyscale too; a truncated file is a bad record, not grey
+  padding."""
+  from skimage import data as skdata
+  photo = Image.fromarray(skdata.astronaut())
+  files = {'baseline': _encode(photo, 'JPEG', quality=90),
+           'progressive': _encode(photo, 'JPEG', quality=90, progressive=True),
+           'grey': _encode(photo.convert('L'), 'JPEG', quality=90)}
+  for name, data in files.items():
+    for r in (1, 2, 4, 8):
+      got, hw = decode.decode_image_scaled(data, lambda hw, r=r: r)
+      assert hw == (512, 512) and got.shape == (512 // r, 512 // r, 3), name
+      pil = Image.open(io.BytesIO(data))
+      if r > 1:
+        pil.draft(None, (512 // r, 512 // r))
+      np.testing.assert_array_equal(got, np.asarray(pil.convert('RGB')), err_msg=name)
+  with pytest.raises(BadRecord, match='undecodable_image'):
+    decode.decode_image_scaled(files['baseline'][:len(files['baseline']) // 2], lambda hw: 2)

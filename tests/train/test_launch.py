@@ -31,8 +31,7 @@ def launch_env(tmp_path_factory):
   config_file = base / 'launch_micro.py'
   config_file.write_text(MICRO_CONFIG)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO), PYTHON=sys.executable,
-             JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),  # shared with test_loop.py
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')  # the run's cache (conftest.py)
   env['XLA_FLAGS'] = FAST_COMPILE  # local_processes.sh appends the device count
   return config_file, env
 

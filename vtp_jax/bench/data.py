@@ -3,15 +3,16 @@
   python -m vtp_jax.bench.data --config=configs/vtp_tiny.py --workers=2 [--batches=20]
       [--synthetic=512 --synthetic_side=256]   # in-memory JPEGs instead of config.data.source
       [--photos=128 [--photos_side=1024]]      # scikit-image's photographs as JPEGs (0 = own size)
-      [--decode=full,scaled]                   # data.decode modes, measured one after the other
+      [--decode=full:pillow,scaled:opencv]     # data.decode[:data.views_backend], one after another
 
 Every image goes through decode, the CLIP view, tokenisation and (for its sub-batch share) the SSL
 multi-crop with masks and the reconstruction view, exactly as training sees it. The first batch
 is not timed (worker start-up and thread warm-up); images/s counts CLIP examples, i.e. source
 images, per second of wall time in this process; with --workers=0, `images_per_cpu_s` counts them
 per CPU-second of the process (every thread), the per-core rate a host's core count multiplies.
-One JSON line is printed per --decode mode, all on the same records in the same process, so the
-old ('full') and new ('scaled') decode are compared on equal terms.
+One JSON line is printed per --decode entry, all on the same records in the same process, so the
+reference path ('full:pillow': whole JPEGs, views in Pillow) and the default ('scaled:opencv') are
+compared on equal terms; an entry without ':' keeps the config's views backend.
 """
 
 import io
@@ -75,11 +76,14 @@ class PhotoSource(SyntheticSource):
 
 
 def bench(config, *, workers: int, batches: int, source=None, decode: str | None = None) -> dict:
+  """`decode`: 'MODE' or 'MODE:BACKEND' (data.decode, data.views_backend); None = the config's."""
   from vtp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.data.worker_count = workers
   if decode:
-    config.data.decode = decode
+    config.data.decode, _, backend = decode.partition(':')
+    if backend:
+      config.data.views_backend = backend
   config.data.num_epochs = 0
   it = pipeline.make_iterator(config, process_index=0, process_count=1, source=source)
   try:
@@ -93,7 +97,9 @@ def bench(config, *, workers: int, batches: int, source=None, decode: str | None
   finally:
     if hasattr(it, 'close'):
       it.close()
-  return {'decode': config.data.get('decode', 'full'), 'workers': workers, 'batches': batches,
+  return {'decode': config.data.get('decode', 'full'),
+          'views_backend': config.data.get('views_backend', 'opencv'),
+          'workers': workers, 'batches': batches,
           'batch_size': n_local,
           'image_size': config.data.image_size, 'global_crop_size': config.data.global_crop_size,
           'local_crop_size': config.data.local_crop_size,
@@ -130,7 +136,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('synthetic_side', 256, 'side of the synthetic JPEGs in pixels')
   flags.DEFINE_integer('photos', 0, 'use this many JPEGs of scikit-image photographs instead')
   flags.DEFINE_integer('photos_side', 0, 'longest side of the photographs; 0 = their own size')
-  flags.DEFINE_list('decode', [], 'data.decode modes to measure in turn (full, scaled); '
-                    "empty = the config's")
+  flags.DEFINE_list('decode', [], 'data.decode modes to measure in turn (full, scaled), each '
+                    "optionally :views_backend (opencv, pillow); empty = the config's")
   flags.mark_flags_as_required(['config'])
   app.run(main)

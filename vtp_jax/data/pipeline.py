@@ -6,6 +6,7 @@
       -> [process_index::process_count]    # each JAX process reads a disjoint share
       -> to_iter_dataset(ReadOptions)      # decoding runs in data.read_threads threads
       -> ViewsBatchIterDataset             # drop + count skips, batch, pick sub-batches, views
+                                           # (data.views_backend: OpenCV or Pillow pixels)
       -> mp_prefetch(data.worker_count)    # optional worker processes; -1 = auto_worker_count
 
 Determinism: an example's views are drawn from Generator(seed, global index, view tag), where the
@@ -32,6 +33,7 @@ _CLIP, _SSL, _REC, _BATCH = 0, 1, 2, 3  # view tags of the random streams
 
 
 DECODE_MODES = ('scaled', 'full')
+VIEWS_BACKENDS = ('opencv', 'pillow')  # data.views_backend (vtp_jax/data/views.py)
 # auto_worker_count: cores left to the training process (JAX's host threads, the checkpoint and
 # metric writers) and the ceiling; beyond ~128 workers start-up and per-worker batch buffers cost
 # more than the cores add (each worker holds prefetch_buffer_size whole host batches).
@@ -79,7 +81,11 @@ def _build_batch(records, config, seed, b_ssl, b_rec, with_keys, mask_collate) -
   # Sub-batches are random subsets of this batch (spec 2.1), drawn independently of each other.
   ssl_rows = np.sort(batch_rng.permutation(n)[:b_ssl])
   rec_rows = np.sort(batch_rng.permutation(n)[:b_rec])
-  images = [views.as_pil(r['image']) for r in records]
+  # Arrays go to the OpenCV ops, PIL images to Pillow's (views.py): the same draws either way.
+  if config.data.get('views_backend', 'opencv') == 'pillow':
+    images = [views.as_pil(r['image']) for r in records]
+  else:
+    images = [r['image'] for r in records]
   out = {}
   if 'clip' in active:
     out['clip'] = {
@@ -228,6 +234,8 @@ def check_config(config) -> None:
                      '(-1 = one per core but a few).')
   if d.get('decode', 'scaled') not in DECODE_MODES:
     raise ValueError(f'data.decode={d.decode!r}: use one of {DECODE_MODES}.')
+  if d.get('views_backend', 'opencv') not in VIEWS_BACKENDS:
+    raise ValueError(f'data.views_backend={d.views_backend!r}: use one of {VIEWS_BACKENDS}.')
 
 
 def host_cores() -> int:

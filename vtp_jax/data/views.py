@@ -17,6 +17,10 @@ by 2, 4 or 8 (DCT scaling) and each crop box is mapped onto the smaller pixels. 
 draws every view's parameters from the header's size alone (the same random streams the views
 then use) and picks the largest reduction that leaves every drawn crop at least its output side,
 so no view upscales what it would have downscaled from the full image.
+
+Two backends apply the same draws: handed a PIL image, every view is computed in Pillow
+(data.views_backend='pillow', the torchvision reference); handed a uint8 array, in OpenCV
+(views_opencv.py, 'opencv', the default: several times faster, statistically the same).
 """
 
 import math
@@ -24,6 +28,8 @@ import math
 import numpy as np
 import scipy.ndimage
 from PIL import Image, ImageEnhance
+
+from vtp_jax.data import views_opencv
 
 JPEG_REDUCTIONS = (8, 4, 2)  # the DCT scales libjpeg decodes at, largest first
 
@@ -55,14 +61,16 @@ def crop_params(height: int, width: int, scale, ratio, rng: np.random.Generator)
   return (height - h) // 2, (width - w) // 2, max(h, 1), max(w, 1)
 
 
-def resized_crop(image: Image.Image, box, size: int, source_hw=None) -> Image.Image:
+def resized_crop(image, box, size: int, source_hw=None):
   """The crop `box` (top, left, h, w) in source coordinates, resized to (size, size) with
-  Pillow's (antialiased) bicubic filter.
+  Pillow's (antialiased) bicubic filter; an array is cut and resized by views_opencv instead.
 
   At full size: crop first, since resize(box=...) would let the bicubic filter read pixels outside
   the box (torchvision's order). On a reduced decode the box, scaled, has fractional edges: crop
   the pixels it touches and let resize(box=...) take the fraction (at most one pixel of margin).
   """
+  if isinstance(image, np.ndarray):
+    return views_opencv.resized_crop(image, box, size, source_hw)
   top, left, h, w = box
   src_h, src_w = source_hw or (image.height, image.width)
   if (src_h, src_w) == (image.height, image.width):
@@ -75,12 +83,17 @@ def resized_crop(image: Image.Image, box, size: int, source_hw=None) -> Image.Im
       (size, size), Image.BICUBIC, box=(x0 - ix0, y0 - iy0, min(x1, ix1) - ix0, min(y1, iy1) - iy0))
 
 
-def random_resized_crop(image: Image.Image, size: int, scale, ratio, rng: np.random.Generator,
-                        source_hw=None) -> Image.Image:
+def random_resized_crop(image, size: int, scale, ratio, rng: np.random.Generator,
+                        source_hw=None):
   """Crop a random box (drawn in source coordinates) and resize it to (size, size)."""
-  src_h, src_w = source_hw or (image.height, image.width)
+  src_h, src_w = source_hw or _size(image)
   box = crop_params(src_h, src_w, scale, ratio, rng)
   return resized_crop(image, box, size, (src_h, src_w))
+
+
+def _size(image) -> tuple:
+  """(height, width) of a PIL image or an (H, W, 3) array."""
+  return image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width)
 
 
 def flip(array: np.ndarray) -> np.ndarray:
@@ -172,9 +185,21 @@ def draw_ssl_crop(source_hw, size: int, scale, blur_p: float, solarize_p: float,
   return p
 
 
-def apply_ssl_crop(image: Image.Image, p: dict, d, source_hw=None) -> np.ndarray:
+def apply_ssl_crop(image, p: dict, d, source_hw=None) -> np.ndarray:
   """One DINOv2 crop: geometry (RRC + flip), colour (jitter p, grayscale p), blur, solarise."""
   crop = resized_crop(image, p['box'], p['size'], source_hw)
+  if isinstance(crop, np.ndarray):  # the OpenCV backend: the same steps on uint8 arrays
+    if p['flip']:
+      crop = np.ascontiguousarray(flip(crop))
+    if p['jitter'] is not None:
+      crop = views_opencv.apply_jitter(crop, d.color_jitter, *p['jitter'])
+    if p['grey']:
+      crop = views_opencv.grayscale(crop)
+    if p['blur'] is not None:
+      crop = views_opencv.gaussian_blur(crop, p['blur'], BLUR_KERNEL)
+    if p['solarize']:
+      crop = solarize(crop)
+    return np.ascontiguousarray(crop, dtype=np.uint8)
   if p['flip']:
     crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
   if p['jitter'] is not None:
@@ -189,9 +214,9 @@ def apply_ssl_crop(image: Image.Image, p: dict, d, source_hw=None) -> np.ndarray
   return np.ascontiguousarray(out, dtype=np.uint8)
 
 
-def ssl_crop(image: Image.Image, size: int, scale, blur_p: float, solarize_p: float, d,
+def ssl_crop(image, size: int, scale, blur_p: float, solarize_p: float, d,
              rng: np.random.Generator, source_hw=None) -> np.ndarray:
-  source_hw = source_hw or (image.height, image.width)
+  source_hw = source_hw or _size(image)
   return apply_ssl_crop(image, draw_ssl_crop(source_hw, size, scale, blur_p, solarize_p, d, rng),
                         d, source_hw)
 
@@ -207,14 +232,14 @@ def draw_ssl_views(source_hw, d, rng: np.random.Generator) -> list:
            for _ in range(d.n_local_crops)])
 
 
-def clip_view(image: Image.Image, config, rng: np.random.Generator,
+def clip_view(image, config, rng: np.random.Generator,
               source_hw=None) -> np.ndarray:
   d = config.data
   return np.asarray(random_resized_crop(image, d.image_size, d.clip_crop_scale, d.crop_ratio, rng,
                                         source_hw))
 
 
-def rec_view(image: Image.Image, config, rng: np.random.Generator,
+def rec_view(image, config, rng: np.random.Generator,
              source_hw=None) -> np.ndarray:
   d = config.data
   out = np.asarray(random_resized_crop(image, d.image_size, d.rec_crop_scale, d.crop_ratio, rng,
@@ -224,11 +249,11 @@ def rec_view(image: Image.Image, config, rng: np.random.Generator,
   return np.ascontiguousarray(out)
 
 
-def ssl_views(image: Image.Image, config, rng: np.random.Generator,
+def ssl_views(image, config, rng: np.random.Generator,
               source_hw=None) -> tuple[np.ndarray, np.ndarray]:
   """(global (2, G, G, 3), local (n_local, Lc, Lc, 3)) uint8 crops of one image."""
   d = config.data
-  source_hw = source_hw or (image.height, image.width)
+  source_hw = source_hw or _size(image)
   crops = [apply_ssl_crop(image, p, d, source_hw) for p in draw_ssl_views(source_hw, d, rng)]
   lc = d.local_crop_size
   local = np.stack(crops[2:]) if crops[2:] else np.zeros((0, lc, lc, 3), np.uint8)
