@@ -91,15 +91,18 @@ def decode_image(data: bytes) -> np.ndarray:
   return decode_image_scaled(data)[0]
 
 
-def _oriented_hw(img: Image.Image) -> tuple[int, int]:
-  """(height, width) the image will have after exif_transpose."""
-  width, height = img.size
+def _orientation(img: Image.Image) -> int | None:
+  """The EXIF orientation (1 where none is stored); None where the EXIF block is malformed."""
   try:
-    if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
-      return width, height
-  except Exception:  # pylint: disable=broad-except  (malformed EXIF: exif_transpose skips it too)
-    pass
-  return height, width
+    return img.getexif().get(_EXIF_ORIENTATION, 1)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _oriented_hw(img: Image.Image, orientation: int | None) -> tuple[int, int]:
+  """(height, width) the image will have after exif_transpose (which skips malformed EXIF too)."""
+  width, height = img.size
+  return (width, height) if orientation in _TRANSPOSED else (height, width)
 
 
 def decode_image_scaled(data: bytes, reduction_for=None) -> tuple[np.ndarray, tuple[int, int]]:
@@ -119,11 +122,12 @@ def decode_image_scaled(data: bytes, reduction_for=None) -> tuple[np.ndarray, tu
     if width * height > MAX_PIXELS:
       raise BadRecord('undecodable_image',
                       f'decompression bomb guard: {width}x{height} exceeds {MAX_PIXELS} pixels')
-    source_hw = _oriented_hw(img)
+    orientation = _orientation(img)
+    source_hw = _oriented_hw(img, orientation)
     reduction = 1
     if reduction_for is not None and img.format in ('JPEG', 'MPO'):
       reduction = reduction_for(source_hw)
-    if reduction_for is not None and _plain_jpeg(img):
+    if reduction_for is not None and _plain_jpeg(img, orientation):
       # libjpeg-turbo through simplejpeg: the same decoder as Pillow's (bit for bit, reduced or
       # whole) with less work around it, 2.0 against 3.3 ms for a 512 px JPEG (docs/scaling.md,
       # 'The host keeps up'). min_* of ceil(side / r) selects the scale r; strict raises on
@@ -152,15 +156,10 @@ def decode_image_scaled(data: bytes, reduction_for=None) -> tuple[np.ndarray, tu
   return _scaled_result(rgb, source_hw, reduction)
 
 
-def _plain_jpeg(img: Image.Image) -> bool:
+def _plain_jpeg(img: Image.Image, orientation: int | None) -> bool:
   """A baseline or progressive YCbCr/grey JPEG without an EXIF turn: what simplejpeg decodes
-  exactly as Pillow does; CMYK, turned and other images take Pillow's path."""
-  if img.format != 'JPEG' or img.mode not in ('RGB', 'L'):
-    return False
-  try:
-    return img.getexif().get(_EXIF_ORIENTATION, 1) == 1
-  except Exception:  # pylint: disable=broad-except  (malformed EXIF: let Pillow's path judge it)
-    return False
+  exactly as Pillow does; CMYK, turned, malformed-EXIF and other images take Pillow's path."""
+  return img.format == 'JPEG' and img.mode in ('RGB', 'L') and orientation == 1
 
 
 def _scaled_result(rgb: np.ndarray, source_hw, reduction: int):

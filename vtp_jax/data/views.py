@@ -186,29 +186,20 @@ def draw_ssl_crop(source_hw, size: int, scale, blur_p: float, solarize_p: float,
 
 
 def apply_ssl_crop(image, p: dict, d, source_hw=None) -> np.ndarray:
-  """One DINOv2 crop: geometry (RRC + flip), colour (jitter p, grayscale p), blur, solarise."""
+  """One DINOv2 crop: geometry (RRC + flip), colour (jitter p, grayscale p), blur, solarise; in
+  OpenCV when handed an array, in Pillow (the reference) when handed a PIL image."""
   crop = resized_crop(image, p['box'], p['size'], source_hw)
-  if isinstance(crop, np.ndarray):  # the OpenCV backend: the same steps on uint8 arrays
-    if p['flip']:
-      crop = np.ascontiguousarray(flip(crop))
-    if p['jitter'] is not None:
-      crop = views_opencv.apply_jitter(crop, d.color_jitter, *p['jitter'])
-    if p['grey']:
-      crop = views_opencv.grayscale(crop)
-    if p['blur'] is not None:
-      crop = views_opencv.gaussian_blur(crop, p['blur'], BLUR_KERNEL)
-    if p['solarize']:
-      crop = solarize(crop)
-    return np.ascontiguousarray(crop, dtype=np.uint8)
+  cv = isinstance(crop, np.ndarray)
   if p['flip']:
-    crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    crop = np.ascontiguousarray(flip(crop)) if cv else crop.transpose(Image.FLIP_LEFT_RIGHT)
   if p['jitter'] is not None:
-    crop = apply_jitter(crop, d.color_jitter, *p['jitter'])
+    crop = (views_opencv.apply_jitter if cv else apply_jitter)(crop, d.color_jitter, *p['jitter'])
   out = np.asarray(crop)
   if p['grey']:
-    out = grayscale(out)
+    out = (views_opencv.grayscale if cv else grayscale)(out)
   if p['blur'] is not None:
-    out = gaussian_blur(out, p['blur'])
+    out = (views_opencv.gaussian_blur(out, p['blur'], BLUR_KERNEL) if cv else
+           gaussian_blur(out, p['blur']))
   if p['solarize']:
     out = solarize(out)
   return np.ascontiguousarray(out, dtype=np.uint8)
